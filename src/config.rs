@@ -1,0 +1,280 @@
+//! Configuration: every setting with its default, loaded from a TOML file and overridden by
+//! `POSEIDON_<SECTION>_<KEY>` environment variables and command-line flags (see `cli`).
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+/// The whole configuration of a server.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listeners, authentication and request limits.
+    pub server: ServerConfig,
+    /// Runner management.
+    pub runner: RunnerConfig,
+    /// The sandbox executor.
+    pub sandbox: SandboxConfig,
+    /// Persistent state.
+    pub state: StateConfig,
+    /// Logging.
+    pub logger: LoggerConfig,
+}
+
+/// `[server]`: listeners, authentication and request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address both listeners bind to.
+    pub address: IpAddr,
+    /// HTTP port; 0 picks a free one.
+    pub port: u16,
+    /// WebSocket port; `None` means `port + 1` (or ephemeral when `port` is 0); 0 picks a free one.
+    pub websocket_port: Option<u16>,
+    /// Shared secret expected in the `Poseidon-Token` header; `None` disables authentication.
+    pub token: Option<String>,
+    /// Base of the WebSocket URLs handed to clients (e.g. `wss://runners.example.org`) when the
+    /// server sits behind a proxy; by default it is built from the request's `Host` header.
+    pub websocket_url: Option<String>,
+    /// Number of HTTP worker threads.
+    pub workers: usize,
+    /// Largest accepted request body in bytes; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// Largest accepted WebSocket message (stdin) in bytes.
+    pub max_message_bytes: usize,
+    /// `/health` answers 503 when an environment's idle runners fall below this fraction of its
+    /// pool size (0 disables the check), like Poseidon's `prewarmingpoolthreshold`.
+    pub prewarming_pool_threshold: f64,
+    /// How long a WebSocket client may take for its handshake and may stall output, in seconds.
+    pub websocket_timeout_secs: u64,
+    /// Version string served by `/version`.
+    pub release: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            address: IpAddr::from([127, 0, 0, 1]),
+            port: 7200,
+            websocket_port: None,
+            token: None,
+            websocket_url: None,
+            workers: 8,
+            max_body_bytes: 64 << 20,
+            max_message_bytes: 1 << 20,
+            prewarming_pool_threshold: 0.0,
+            websocket_timeout_secs: 30,
+            release: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The WebSocket port to bind.
+    pub fn websocket_port(&self) -> u16 {
+        match (self.websocket_port, self.port) {
+            (Some(port), _) => port,
+            (None, 0) => 0,
+            (None, port) => port.saturating_add(1),
+        }
+    }
+
+    /// [`ServerConfig::websocket_timeout_secs`] as a duration.
+    pub fn websocket_timeout(&self) -> Duration {
+        Duration::from_secs(self.websocket_timeout_secs.max(1))
+    }
+}
+
+/// Which executor builds runners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutorKind {
+    /// A private directory per runner, commands run as the server's user: no isolation.
+    Process,
+    /// A Linux sandbox per runner (namespaces, cgroups, own root file system).
+    Sandbox,
+}
+
+impl std::str::FromStr for ExecutorKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "process" => Ok(ExecutorKind::Process),
+            "sandbox" => Ok(ExecutorKind::Sandbox),
+            other => Err(format!("unknown executor {other:?} (expected process or sandbox)")),
+        }
+    }
+}
+
+/// `[runner]`: runner management.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunnerConfig {
+    /// The executor.
+    pub executor: ExecutorKind,
+    /// Most runners (idle, claimed and being created) that may exist at once.
+    pub capacity: usize,
+    /// Threads that create runners for the prewarming pools.
+    pub prewarm_threads: usize,
+    /// Grace period in milliseconds between asking an execution to stop and killing it.
+    pub kill_grace_ms: u64,
+    /// Largest output of one execution in bytes before it is stopped (0 = unlimited).
+    pub max_output_bytes: u64,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        RunnerConfig {
+            executor: ExecutorKind::Process,
+            capacity: 1000,
+            prewarm_threads: 2,
+            kill_grace_ms: 100,
+            max_output_bytes: 0,
+        }
+    }
+}
+
+/// `[sandbox]`: the sandbox executor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// Directory holding one root file system directory per image.
+    pub images_dir: Option<PathBuf>,
+    /// Image names mapped to an image directory name or `host`.
+    pub images: BTreeMap<String, String>,
+    /// The poseidon-lite binary run as each sandbox's agent; default: the running executable.
+    pub agent: Option<PathBuf>,
+    /// Most processes per runner.
+    pub pids_limit: u32,
+    /// Size of a runner's writable layer in MiB.
+    pub disk_limit_mb: u64,
+    /// Memory limit in MiB for environments that set none (0 = unlimited).
+    pub default_memory_limit_mb: u64,
+    /// Enforce `cpuLimit` as a hard quota (MHz / `cpu_mhz` of a core) besides the weight.
+    pub cpu_hard_limit: bool,
+    /// MHz of one core, to convert `cpuLimit` into a share of a core.
+    pub cpu_mhz: u32,
+    /// First host uid of the ranges mapped into runners (65536 uids each).
+    pub uid_base: u32,
+    /// Name of the cgroup created under each controller's root.
+    pub cgroup_name: String,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig {
+            images_dir: None,
+            images: BTreeMap::new(),
+            agent: None,
+            pids_limit: 512,
+            disk_limit_mb: 256,
+            default_memory_limit_mb: 0,
+            cpu_hard_limit: false,
+            cpu_mhz: 2000,
+            uid_base: 1 << 20,
+            cgroup_name: "poseidon-lite".to_owned(),
+        }
+    }
+}
+
+/// `[state]`: persistent state.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    /// Directory for environments, runner workspaces and sandbox files.
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig { dir: default_state_dir() }
+    }
+}
+
+/// `[logger]`: logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggerConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    pub level: String,
+}
+
+impl Default for LoggerConfig {
+    fn default() -> Self {
+        LoggerConfig { level: "info".to_owned() }
+    }
+}
+
+/// A directory the server can create without root: `$XDG_STATE_HOME/poseidon-lite`,
+/// `~/.local/state/poseidon-lite`, or `poseidon-lite-state` in the temporary directory.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Path::new(&dir).join("poseidon-lite");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return Path::new(&home).join(".local/state/poseidon-lite");
+    }
+    std::env::temp_dir().join("poseidon-lite-state")
+}
+
+impl Config {
+    /// Parses a TOML document.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|err| err.to_string())
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+        Self::from_toml(&text).map_err(|err| format!("{}: {err}", path.display()))
+    }
+
+    /// A configuration for tests and embedding: ephemeral ports on loopback, the given state
+    /// directory, the process executor.
+    pub fn ephemeral(state_dir: impl Into<PathBuf>) -> Config {
+        let mut config = Config::default();
+        config.server.port = 0;
+        config.server.websocket_port = Some(0);
+        config.state.dir = state_dir.into();
+        config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config.server.port, 7200);
+        assert_eq!(config.server.websocket_port(), 7201);
+        assert_eq!(config.runner.executor, ExecutorKind::Process);
+    }
+
+    #[test]
+    fn sections_and_keys_are_read() {
+        let config = Config::from_toml(
+            "[server]\nport = 0\ntoken = \"s\"\n[runner]\nexecutor = \"sandbox\"\n\
+             [sandbox.images]\n\"openhpi/co_execenv_python:3.8\" = \"host\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.server.websocket_port(), 0);
+        assert_eq!(config.server.token.as_deref(), Some("s"));
+        assert_eq!(config.runner.executor, ExecutorKind::Sandbox);
+        assert_eq!(config.sandbox.images["openhpi/co_execenv_python:3.8"], "host");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::from_toml("[server]\nprot = 1\n").unwrap_err();
+        assert!(err.contains("unknown field `prot`"), "{err}");
+    }
+}

@@ -1,0 +1,143 @@
+//! Executors turn runner specifications into runners, and runners run commands and file
+//! operations. They know nothing about HTTP or WebSockets.
+//!
+//! Two implementations exist: [`process`] (a private directory per runner, no isolation) and
+//! [`crate::sandbox`] (a Linux sandbox per runner). The manager only sees these traits.
+
+pub mod process;
+
+use std::{
+    fmt,
+    io::{self, Read},
+    os::fd::{BorrowedFd, OwnedFd},
+    sync::Arc,
+};
+
+use crate::{error::Result, id::EnvironmentId};
+
+/// Everything an executor needs to build a runner for an environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerSpec {
+    /// The environment the runner belongs to.
+    pub environment: EnvironmentId,
+    /// The environment's image name as given by the client.
+    pub image: String,
+    /// CPU limit in MHz (Poseidon's unit); 0 means no limit.
+    pub cpu_limit: u32,
+    /// Memory limit in MB; 0 means no limit.
+    pub memory_limit: u32,
+    /// Whether the runner may use the network.
+    pub network_access: bool,
+}
+
+/// A command to run in a runner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// The command line, run as `bash -c <command>` (`sh -c` without bash).
+    pub command: String,
+    /// Extra environment variables (names already validated).
+    pub environment: Vec<(String, String)>,
+    /// Run as root inside the runner instead of the unprivileged user.
+    pub privileged: bool,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It exited; signal deaths are mapped to 128 + signal number.
+    Exited(u8),
+    /// It (or one of its processes) was killed for exceeding the memory limit.
+    OomKilled,
+    /// It ended without telling how (the runner vanished or it was killed).
+    Lost,
+}
+
+/// Watches a running process for its end.
+pub trait ExitWatch: Send + fmt::Debug {
+    /// A descriptor that becomes readable when the process may have ended.
+    fn fd(&self) -> BorrowedFd<'_>;
+    /// Called when [`ExitWatch::fd`] is readable: `Some` once the process has ended.
+    fn outcome(&mut self) -> io::Result<Option<Outcome>>;
+}
+
+/// Ends a process and everything it started; callable from any thread, any number of times.
+pub trait Kill: Send + Sync + fmt::Debug {
+    /// Kills now.
+    fn kill(&self);
+}
+
+/// A started process: its terminal, its stderr and the means to await and end it.
+#[derive(Debug)]
+pub struct Process {
+    /// Master side of the pseudo-terminal that is the process's stdin and stdout.
+    pub pty: OwnedFd,
+    /// Read side of the pipe that is the process's stderr.
+    pub stderr: OwnedFd,
+    /// Reports the end of the process.
+    pub exit: Box<dyn ExitWatch>,
+    /// Ends the process.
+    pub kill: Arc<dyn Kill>,
+}
+
+/// One file of a `PATCH /files` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Path as given; a trailing `/` denotes a directory.
+    pub path: String,
+    /// Decoded content (ignored for directories).
+    pub content: Vec<u8>,
+}
+
+/// A `PATCH /files` request: delete first, then copy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileUpdate {
+    /// Paths to delete recursively; `./*` is a glob over the workspace.
+    pub delete: Vec<String>,
+    /// Files and directories to create.
+    pub copy: Vec<FileEntry>,
+}
+
+/// The content of one file, ready to stream.
+pub struct FileContent {
+    /// Exact number of bytes `reader` yields.
+    pub length: u64,
+    /// The bytes.
+    pub reader: Box<dyn Read + Send>,
+}
+
+impl fmt::Debug for FileContent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileContent").field("length", &self.length).finish_non_exhaustive()
+    }
+}
+
+/// A runner: a workspace in which commands run.
+pub trait Runner: Send + Sync + fmt::Debug {
+    /// Starts a command under a fresh pseudo-terminal.
+    fn execute(&self, command: &Command) -> Result<Process>;
+    /// Lists `path`; the reader yields the whole JSON body `{"files": [...]}`.
+    /// A missing or unreadable path is [`crate::Error::FileNotFound`].
+    fn list_files(&self, path: &str, recursive: bool, privileged: bool)
+    -> Result<Box<dyn Read + Send>>;
+    /// Opens a regular file for download.
+    fn read_file(&self, path: &str, privileged: bool) -> Result<FileContent>;
+    /// Deletes, then copies files, as root inside the runner.
+    fn update_files(&self, update: &FileUpdate) -> Result<()>;
+    /// Ends every process of the runner and removes all its resources. Idempotent.
+    fn destroy(&self);
+}
+
+/// Builds runners.
+pub trait Executor: Send + Sync + fmt::Debug {
+    /// The executor's name as configured (`process`, `sandbox`).
+    fn name(&self) -> &'static str;
+    /// Checks that `image` can be used; [`crate::Error::UnknownImage`] otherwise.
+    fn check_image(&self, image: &str) -> Result<()>;
+    /// Creates a new runner; may take milliseconds, so it is called off the request path
+    /// (or on it, when the pool is empty).
+    fn create(&self, id: &crate::id::RunnerId, spec: &RunnerSpec) -> Result<Arc<dyn Runner>>;
+    /// Takes back a runner that existed before a restart, if its resources survived.
+    fn adopt(&self, id: &crate::id::RunnerId, spec: &RunnerSpec) -> Option<Arc<dyn Runner>>;
+    /// Removes everything left over by an earlier run except the runners in `keep`.
+    fn remove_leftovers(&self, keep: &[crate::id::RunnerId]);
+}

@@ -1,0 +1,143 @@
+//! `PATCH /files`: delete (like `rm -rf`, with `./*` as a glob over the workspace that keeps
+//! dotfiles), then copy (like Poseidon's `tar` extraction: files 0744, `dir/` entries 01777,
+//! missing parents 0755). Nothing here follows a symlink out of the root.
+
+use std::{
+    io::{self, Write},
+    os::fd::{AsFd, OwnedFd},
+};
+
+use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags};
+
+use super::{Root, clean, split_parent};
+use crate::{
+    error::{Error, Result},
+    executor::{FileEntry, FileUpdate},
+};
+
+/// Deeper trees are not removed entirely (each level holds a descriptor).
+const MAX_DEPTH: usize = 128;
+/// Mode of copied files: `rwxr--r--`.
+const FILE_MODE: u32 = 0o744;
+/// Mode of directories named in the request: `rwxrwxrwt`.
+const DIRECTORY_MODE: u32 = 0o1777;
+/// Mode of parent directories created on the way.
+const PARENT_MODE: u32 = 0o755;
+
+pub(super) fn apply(root: &Root, update: &FileUpdate) -> Result<()> {
+    for path in &update.delete {
+        delete(root, path);
+    }
+    let failures: Vec<String> = update
+        .copy
+        .iter()
+        .filter_map(|entry| copy(root, entry).err().map(|err| format!("{}: {err}", entry.path)))
+        .collect();
+    if failures.is_empty() { Ok(()) } else { Err(Error::FileCopy(failures.join("; "))) }
+}
+
+/// Removes a path recursively; like `rm --force`, failures are ignored.
+fn delete(root: &Root, path: &str) {
+    if path == "./*" {
+        if let Ok(workspace) = root.open_at(&root.workspace, OFlags::RDONLY | OFlags::DIRECTORY) {
+            for name in entry_names(&workspace).into_iter().filter(|name| !name.starts_with(b".")) {
+                remove_tree(&workspace, &name, 0);
+            }
+        }
+        return;
+    }
+    let view = clean(&root.view_path(path));
+    // Like rm, refuse to remove the root itself.
+    let Some((parent, name)) = split_parent(&view) else { return };
+    if let Ok(parent) = root.open_at(parent, OFlags::PATH | OFlags::DIRECTORY) {
+        remove_tree(&parent, name.as_bytes(), 0);
+    }
+}
+
+fn entry_names(dir: &impl AsFd) -> Vec<Vec<u8>> {
+    let Ok(mut iter) = Dir::read_from(dir) else { return Vec::new() };
+    let mut names = Vec::new();
+    while let Some(Ok(entry)) = iter.read() {
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    }
+    names
+}
+
+/// Removes `name` in `parent` and, for a directory, everything below it; never follows links.
+fn remove_tree(parent: &impl AsFd, name: &[u8], depth: usize) {
+    let Ok(stat) = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) else { return };
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Directory {
+        let _ = rustix::fs::unlinkat(parent, name, AtFlags::empty());
+        return;
+    }
+    if depth < MAX_DEPTH {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        if let Ok(dir) = rustix::fs::openat(parent, name, flags, Mode::empty()) {
+            for child in entry_names(&dir) {
+                remove_tree(&dir, &child, depth + 1);
+            }
+        }
+    }
+    let _ = rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR);
+}
+
+/// Creates one directory or file of the request.
+fn copy(root: &Root, entry: &FileEntry) -> io::Result<()> {
+    let view = clean(&root.view_path(&entry.path));
+    if entry.path.ends_with('/') {
+        let dir = make_dirs(root, &view)?;
+        return rustix::fs::fchmod(&dir, Mode::from_raw_mode(DIRECTORY_MODE)).map_err(Into::into);
+    }
+    let (parent, name) = split_parent(&view).ok_or_else(|| cannot_open(rustix::io::Errno::ISDIR))?;
+    let parent = make_dirs(root, parent)?;
+    // Replace whatever is there (a symlink is replaced, not followed), as tar does.
+    match rustix::fs::unlinkat(&parent, name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(errno) => return Err(cannot_open(errno)),
+    }
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(&parent, name, flags, Mode::from_raw_mode(FILE_MODE))
+        .map_err(cannot_open)?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(FILE_MODE))?;
+    std::fs::File::from(fd).write_all(&entry.content)
+}
+
+/// `mkdir -p` inside the root; returns the final directory.
+fn make_dirs(root: &Root, view: &str) -> io::Result<OwnedFd> {
+    let flags = OFlags::PATH | OFlags::DIRECTORY;
+    let mut current = root.open_at("/", flags)?;
+    let mut walked = String::new();
+    for part in view.split('/').filter(|part| !part.is_empty()) {
+        walked.push('/');
+        walked.push_str(part);
+        current = match root.open_at(&walked, flags) {
+            Ok(dir) => dir,
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
+                match rustix::fs::mkdirat(&current, part, Mode::from_raw_mode(PARENT_MODE)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                    Err(errno) => return Err(cannot_mkdir(errno)),
+                }
+                root.open_at(&walked, flags)?
+            }
+            Err(err) => return Err(err),
+        };
+    }
+    Ok(current)
+}
+
+fn cannot_open(errno: rustix::io::Errno) -> io::Error {
+    io::Error::other(format!("Cannot open: {}", describe(errno)))
+}
+
+fn cannot_mkdir(errno: rustix::io::Errno) -> io::Error {
+    io::Error::other(format!("Cannot mkdir: {}", describe(errno)))
+}
+
+/// The error's text without the `(os error N)` suffix.
+fn describe(errno: rustix::io::Errno) -> String {
+    let text = io::Error::from(errno).to_string();
+    text.split(" (os error").next().unwrap_or(&text).to_owned()
+}

@@ -1,0 +1,20 @@
+//! poseidon-lite: a single-host runner management server that speaks the HTTP and WebSocket API
+//! of openHPI's Poseidon, so that CodeOcean can use it unchanged.
+//!
+//! It keeps pools of prewarmed runners per execution environment, copies files into them, runs
+//! commands in them under a pseudo-terminal with output streamed over a WebSocket, and destroys
+//! them after inactivity. Runners are built by an [`executor`]: `process` (no isolation) or
+//! `sandbox` (Linux namespaces and cgroups).
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod executor;
+pub mod fsview;
+pub mod id;
+pub mod sandbox;
+#[allow(unsafe_code)]
+pub(crate) mod sys;
+
+pub use config::Config;
+pub use error::{Error, Result};

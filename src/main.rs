@@ -1,0 +1,3 @@
+//! The poseidon-lite server binary.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! The sandbox executor: every runner a Linux sandbox (placeholder until it lands).

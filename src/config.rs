@@ -107,7 +107,9 @@ impl std::str::FromStr for ExecutorKind {
         match text {
             "process" => Ok(ExecutorKind::Process),
             "sandbox" => Ok(ExecutorKind::Sandbox),
-            other => Err(format!("unknown executor {other:?} (expected process or sandbox)")),
+            other => Err(format!(
+                "unknown executor {other:?} (expected process or sandbox)"
+            )),
         }
     }
 }
@@ -193,7 +195,9 @@ pub struct StateConfig {
 
 impl Default for StateConfig {
     fn default() -> Self {
-        StateConfig { dir: default_state_dir() }
+        StateConfig {
+            dir: default_state_dir(),
+        }
     }
 }
 
@@ -207,7 +211,9 @@ pub struct LoggerConfig {
 
 impl Default for LoggerConfig {
     fn default() -> Self {
-        LoggerConfig { level: "info".to_owned() }
+        LoggerConfig {
+            level: "info".to_owned(),
+        }
     }
 }
 
@@ -269,7 +275,10 @@ mod tests {
         assert_eq!(config.server.websocket_port(), 0);
         assert_eq!(config.server.token.as_deref(), Some("s"));
         assert_eq!(config.runner.executor, ExecutorKind::Sandbox);
-        assert_eq!(config.sandbox.images["openhpi/co_execenv_python:3.8"], "host");
+        assert_eq!(
+            config.sandbox.images["openhpi/co_execenv_python:3.8"],
+            "host"
+        );
     }
 
     #[test]

@@ -72,7 +72,9 @@ impl Error {
             Error::UnknownRunner(_) => 410,
             Error::PayloadTooLarge(_) => 413,
             Error::FileNotFound(_) => 424,
-            Error::NoRunnerAvailable | Error::FileCopy(_) | Error::Io(_) | Error::Internal(_) => 500,
+            Error::NoRunnerAvailable | Error::FileCopy(_) | Error::Io(_) | Error::Internal(_) => {
+                500
+            }
         }
     }
 

@@ -1,0 +1,243 @@
+//! The sandbox agent: the process the server starts (as `<binary> __sandbox-agent <pid>`) for
+//! each runner, talking to it over the control socket on its stdin.
+//!
+//! It runs in two stages, both single-threaded. The launcher (host root) reads the setup,
+//! joins the runner's cgroups, prepares the runner's user namespace, unshares the mount, uts,
+//! ipc, net, pid and cgroup namespaces, forks the runner's init and waits for it. The init
+//! (pid 1 of the runner) builds the root file system, enters the user namespace as root inside,
+//! reports ready and then serves operations: one forked child per operation socket received,
+//! so concurrent operations need no lock. When the control socket closes, init exits and the
+//! kernel ends every process of the runner.
+
+mod exec;
+mod files;
+mod rootfs;
+
+use std::{
+    ffi::OsString,
+    fs,
+    os::fd::{AsFd, OwnedFd},
+    process,
+};
+
+use rustix::{
+    fs::{Mode, OFlags},
+    process::{Pid, Signal, WaitOptions},
+};
+
+use super::{
+    protocol::{self, Reply, Setup},
+    seccomp,
+};
+use crate::sys::sandbox::{self as sys, Forked};
+
+/// Control record kinds (server → init), each carrying one operation socket.
+pub(super) const EXECUTE: &[u8] = b"execute";
+/// See [`EXECUTE`].
+pub(super) const FILES: &[u8] = b"files";
+
+/// What every operation child needs to know about its runner.
+#[derive(Debug)]
+struct Context {
+    /// The unprivileged user of the image.
+    user: rootfs::User,
+    /// The seccomp program for commands.
+    filter: Vec<libc::sock_filter>,
+}
+
+/// Runs the agent; `args` are the arguments after `__sandbox-agent`. Returns the exit code.
+pub(super) fn main(args: &[OsString]) -> i32 {
+    // Die with the server (the spawning thread), then check it did not die before this line.
+    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    let expected_parent = args
+        .first()
+        .and_then(|arg| arg.to_str()?.parse::<i32>().ok());
+    if rustix::process::getppid().map(|pid| pid.as_raw_nonzero().get()) != expected_parent {
+        return 1;
+    }
+    let Ok(control) = take_control_socket() else {
+        return 1;
+    };
+    let fail = |message: String| {
+        let _ = protocol::send_reply(control.as_fd(), &Reply::Failed(message), &[]);
+        1
+    };
+    let (setup, userns) = match launch(&control) {
+        Ok(launched) => launched,
+        Err(message) => return fail(message),
+    };
+    match sys::fork() {
+        Err(err) => fail(format!("cannot fork the init: {err}")),
+        Ok(Forked::Child) => init(&control, &setup, userns),
+        Ok(Forked::Parent(pid)) => {
+            // The launcher only waits: the init alone holds the runner's end of the socket.
+            drop((control, userns));
+            wait_for(pid);
+            0
+        }
+    }
+}
+
+/// Closes every inherited descriptor, moves the control socket (stdin) to a close-on-exec
+/// descriptor and points stdin at `/dev/null`.
+fn take_control_socket() -> std::io::Result<OwnedFd> {
+    sys::close_descriptors_from(3)?;
+    let control = rustix::io::fcntl_dupfd_cloexec(rustix::stdio::stdin(), 3)?;
+    let null = rustix::fs::open("/dev/null", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
+    rustix::stdio::dup2_stdin(&null)?;
+    Ok(control)
+}
+
+/// The launcher stage up to forking the init: reads the setup, joins the cgroups, creates the
+/// user namespace and unshares the others (the init will be pid 1 of the new pid namespace).
+fn launch(control: &OwnedFd) -> Result<(Setup, OwnedFd), String> {
+    let mut buf = vec![0; protocol::MAX_RECORD];
+    let (len, _) = protocol::recv_record(control.as_fd(), &mut buf, 0, false)
+        .map_err(|err| format!("cannot read the setup: {err}"))?;
+    let setup: Setup =
+        serde_json::from_slice(&buf[..len]).map_err(|err| format!("invalid setup: {err}"))?;
+    let me = rustix::process::getpid().as_raw_nonzero().to_string();
+    for procs in &setup.cgroup_procs {
+        fs::write(procs, &me).map_err(|err| format!("cannot join {}: {err}", procs.display()))?;
+    }
+    let userns = user_namespace(setup.uid_base)?;
+    let namespaces = libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWCGROUP;
+    sys::unshare_namespaces(namespaces).map_err(|err| format!("cannot unshare: {err}"))?;
+    Ok((setup, userns))
+}
+
+/// Creates the runner's user namespace, mapping uids and gids 0..65536 inside to
+/// `base..base+65536` on the host, and returns a descriptor of it. A helper child is cloned
+/// into a new user namespace only to have the map written and the namespace opened.
+fn user_namespace(base: u32) -> Result<OwnedFd, String> {
+    let helper = match sys::fork_into(libc::CLONE_NEWUSER) {
+        Err(err) => return Err(format!("cannot create a user namespace: {err}")),
+        Ok(Forked::Child) => {
+            let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+            loop {
+                let _ = rustix::event::poll(&mut [], None);
+            }
+        }
+        Ok(Forked::Parent(pid)) => pid,
+    };
+    let proc = format!("/proc/{}", helper.as_raw_nonzero());
+    let map = format!("0 {base} 65536\n");
+    let result = fs::write(format!("{proc}/uid_map"), &map)
+        .and_then(|()| fs::write(format!("{proc}/gid_map"), &map))
+        .and_then(|()| {
+            let flags = OFlags::RDONLY | OFlags::CLOEXEC;
+            Ok(rustix::fs::open(
+                format!("{proc}/ns/user"),
+                flags,
+                Mode::empty(),
+            )?)
+        })
+        .map_err(|err| format!("cannot map the user namespace: {err}"));
+    let _ = rustix::process::kill_process(helper, Signal::KILL);
+    wait_for(helper);
+    result
+}
+
+/// Waits until `pid` has ended.
+fn wait_for(pid: Pid) {
+    while let Err(rustix::io::Errno::INTR) =
+        rustix::process::waitpid(Some(pid), WaitOptions::empty())
+    {}
+}
+
+/// The init stage: pid 1 of the runner. Returns the exit code.
+fn init(control: &OwnedFd, setup: &Setup, userns: OwnedFd) -> i32 {
+    // The launcher waits for us; if it is killed, so are we (and with us the runner).
+    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    let context = match prepare(setup, userns) {
+        Ok(context) => context,
+        Err(message) => {
+            let _ = protocol::send_reply(control.as_fd(), &Reply::Failed(message), &[]);
+            return 1;
+        }
+    };
+    if protocol::send_reply(control.as_fd(), &Reply::Ready, &[]).is_err() {
+        return 1;
+    }
+    serve(control, &context)
+}
+
+/// Builds the runner and becomes root inside its user namespace.
+fn prepare(setup: &Setup, userns: OwnedFd) -> Result<Context, String> {
+    // Nobody else in the runner may read our memory or descriptors through /proc or ptrace:
+    // learner code running as root inside has the same uid.
+    let _ = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable);
+    rustix::process::umask(Mode::empty());
+    let hostname = &setup.hostname.as_bytes()[..setup.hostname.len().min(64)];
+    rustix::system::sethostname(hostname)
+        .map_err(|err| format!("cannot set the hostname: {err}"))?;
+    sys::loopback_up().map_err(|err| format!("cannot bring up lo: {err}"))?;
+    let user = rootfs::build(setup, userns.as_fd())
+        .map_err(|err| format!("cannot build the root: {err}"))?;
+    let user_type = Some(rustix::thread::LinkNameSpaceType::User);
+    rustix::thread::move_into_link_name_space(userns.as_fd(), user_type)
+        .map_err(|err| format!("cannot enter the user namespace: {err}"))?;
+    drop(userns);
+    rootfs::become_user(0, 0).map_err(|err| format!("cannot become root inside: {err}"))?;
+    Ok(Context {
+        user,
+        filter: seccomp::program(),
+    })
+}
+
+/// Serves operations until the control socket closes.
+fn serve(control: &OwnedFd, context: &Context) -> i32 {
+    // Operation children are reaped by the kernel; the init never waits for them.
+    sys::ignore_children(true);
+    let mut kind = [0; 16];
+    loop {
+        match protocol::recv_record(control.as_fd(), &mut kind, 1, false) {
+            Ok((0, _)) => return 0,
+            Ok((len, mut fds)) => {
+                if let Some(op) = fds.pop() {
+                    dispatch(&kind[..len], op, context);
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::Other => continue,
+            Err(_) => return 1,
+        }
+    }
+}
+
+/// Starts the child that serves one operation socket.
+fn dispatch(kind: &[u8], op: OwnedFd, context: &Context) {
+    let execute = kind == EXECUTE;
+    if !execute && kind != FILES {
+        return;
+    }
+    // An execution gets its own pid namespace (its reaper is pid 1: when it exits, every
+    // process of the execution dies) and mount namespace (for a /proc of that pid namespace).
+    let forked = if execute {
+        sys::fork_into(libc::CLONE_NEWPID | libc::CLONE_NEWNS)
+    } else {
+        sys::fork()
+    };
+    match forked {
+        Ok(Forked::Child) => {
+            let code = if execute {
+                exec::serve(op, context)
+            } else {
+                files::serve(op, context)
+            };
+            process::exit(code)
+        }
+        Ok(Forked::Parent(_)) => {}
+        Err(err) => {
+            let _ = protocol::send_reply(
+                op.as_fd(),
+                &Reply::Failed(format!("cannot fork: {err}")),
+                &[],
+            );
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The sandbox executor: start-up checks, image resolution, uid range slots, runner creation
+//! and the removal of what an earlier (crashed) server left behind.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use super::{cgroup::Cgroups, image, runner::SandboxRunner};
+use crate::{
+    config::{Config, SandboxConfig},
+    error::{Error, Result},
+    executor::{Executor, Runner, RunnerSpec},
+    id::RunnerId,
+};
+
+/// Host ids per runner: inside ids 0..65535.
+pub(super) const IDS_PER_RUNNER: u32 = 65536;
+
+/// Builds runners as Linux sandboxes.
+#[derive(Debug, Clone)]
+pub struct SandboxExecutor {
+    shared: Arc<Shared>,
+}
+
+/// What the executor and its runners share.
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub config: SandboxConfig,
+    pub agent: PathBuf,
+    /// `<state dir>/sandbox`: one (empty) directory per runner.
+    pub dir: PathBuf,
+    pub cgroups: Cgroups,
+    slots: Mutex<Slots>,
+    network_warned: AtomicBool,
+}
+
+/// Free host uid ranges, numbered from `uid_base`.
+#[derive(Debug)]
+struct Slots {
+    free: Vec<u32>,
+    next: u32,
+    count: u32,
+}
+
+impl SandboxExecutor {
+    /// Checks that this host can run sandboxes and prepares the executor's cgroups and state
+    /// directory. The error names what is missing.
+    pub fn new(config: &Config) -> Result<SandboxExecutor> {
+        let unavailable =
+            |what: String| Error::Internal(format!("{what}; choose --executor process"));
+        let sandbox = &config.sandbox;
+        check_host().map_err(unavailable)?;
+        let cgroups = Cgroups::detect(&sandbox.cgroup_name).map_err(unavailable)?;
+        cgroups
+            .prepare()
+            .map_err(|err| unavailable(format!("cannot create the sandbox cgroups: {err}")))?;
+        let agent = match &sandbox.agent {
+            Some(agent) => agent.clone(),
+            None => std::env::current_exe()
+                .map_err(|err| unavailable(format!("cannot find the agent binary: {err}")))?,
+        };
+        if !agent.is_file() {
+            return Err(unavailable(format!(
+                "agent binary {} not found",
+                agent.display()
+            )));
+        }
+        let dir = config.state.dir.join("sandbox");
+        fs::create_dir_all(&dir)
+            .map_err(|err| unavailable(format!("cannot create {}: {err}", dir.display())))?;
+        let count = (u32::MAX - sandbox.uid_base) / IDS_PER_RUNNER;
+        if count == 0 {
+            return Err(unavailable(format!(
+                "uid_base {} leaves no uid range",
+                sandbox.uid_base
+            )));
+        }
+        log::info!(
+            "sandbox executor: {}, uids from {}, agent {}",
+            cgroups.describe(),
+            sandbox.uid_base,
+            agent.display()
+        );
+        if sandbox.cpu_hard_limit && !cgroups.has_cpu() {
+            log::warn!("sandbox: no cpu controller, cpu limits are not enforced");
+        }
+        let slots = Mutex::new(Slots {
+            free: Vec::new(),
+            next: 0,
+            count,
+        });
+        let shared = Shared {
+            config: sandbox.clone(),
+            agent,
+            dir,
+            cgroups,
+            slots,
+            network_warned: AtomicBool::new(false),
+        };
+        Ok(SandboxExecutor {
+            shared: Arc::new(shared),
+        })
+    }
+}
+
+/// Root, user namespaces and overlayfs.
+fn check_host() -> Result<(), String> {
+    let euid = rustix::process::geteuid().as_raw();
+    if euid != 0 {
+        return Err(format!(
+            "the sandbox executor needs root (running as uid {euid})"
+        ));
+    }
+    let max = fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
+    if max.trim().parse::<u64>().unwrap_or(0) == 0 {
+        return Err("user namespaces are disabled (/proc/sys/user/max_user_namespaces)".into());
+    }
+    let filesystems = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !filesystems
+        .lines()
+        .any(|line| line.split_whitespace().last() == Some("overlay"))
+    {
+        return Err("overlayfs is not available (modprobe overlay)".into());
+    }
+    Ok(())
+}
+
+impl Shared {
+    /// Takes a free uid range.
+    pub fn take_slot(&self) -> Result<u32> {
+        let mut slots = self.slots.lock().unwrap();
+        if let Some(slot) = slots.free.pop() {
+            return Ok(slot);
+        }
+        if slots.next < slots.count {
+            slots.next += 1;
+            return Ok(slots.next - 1);
+        }
+        Err(Error::Internal("sandbox: no free uid range".into()))
+    }
+
+    /// Returns a uid range; only once nothing of its runner runs any more.
+    pub fn give_slot(&self, slot: u32) {
+        self.slots.lock().unwrap().free.push(slot);
+    }
+
+    /// Logs once that network access is not implemented.
+    pub fn warn_network(&self) {
+        if !self.network_warned.swap(true, Ordering::Relaxed) {
+            log::warn!("sandbox: networkAccess is not supported yet, runners stay offline");
+        }
+    }
+}
+
+impl Executor for SandboxExecutor {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    fn check_image(&self, image: &str) -> Result<()> {
+        let config = &self.shared.config;
+        image::resolve(image, &config.images, config.images_dir.as_deref()).map(|_| ())
+    }
+
+    fn create(&self, id: &RunnerId, spec: &RunnerSpec) -> Result<Arc<dyn Runner>> {
+        let runner = SandboxRunner::start(&self.shared, id, spec)?;
+        Ok(Arc::new(runner))
+    }
+
+    fn adopt(&self, _id: &RunnerId, _spec: &RunnerSpec) -> Option<Arc<dyn Runner>> {
+        // A runner's init dies with its server (control socket, parent death signal), so
+        // nothing survives a restart to be adopted.
+        None
+    }
+
+    fn remove_leftovers(&self, keep: &[RunnerId]) {
+        let keep: BTreeSet<&str> = keep.iter().map(RunnerId::as_str).collect();
+        let cgroups = &self.shared.cgroups;
+        for name in cgroups.existing() {
+            if keep.contains(name.as_str()) {
+                continue;
+            }
+            match cgroups.group(&name).remove() {
+                Ok(()) => log::info!("sandbox: removed leftover cgroup {name}"),
+                Err(err) => log::warn!("sandbox: cannot remove leftover cgroup {name}: {err}"),
+            }
+        }
+        let Ok(entries) = fs::read_dir(&self.shared.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if keep.contains(name.to_string_lossy().as_ref()) {
+                continue;
+            }
+            match fs::remove_dir_all(entry.path()) {
+                Ok(()) => log::info!(
+                    "sandbox: removed leftover directory {}",
+                    entry.path().display()
+                ),
+                Err(err) => log::warn!("sandbox: cannot remove {}: {err}", entry.path().display()),
+            }
+        }
+    }
+}

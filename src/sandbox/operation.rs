@@ -1,0 +1,182 @@
+//! The server's side of one operation on a runner: the operation socket, the started process
+//! (its exit watch and kill switch), and readers of the data the agent streams back. The agent
+//! is untrusted: replies are bounded, descriptors checked, and a missing status is `Lost`.
+
+use std::{
+    io::{self, Read},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    sync::Arc,
+    time::Duration,
+};
+
+use rustix::{
+    fs::FileType,
+    net::{Shutdown, sockopt::Timeout},
+};
+
+use super::{
+    cgroup::Group,
+    protocol::{self, Reply},
+};
+use crate::{
+    error::{Error, Result},
+    executor::{ExitWatch, Kill, Outcome, Process},
+};
+
+/// How long the server waits for the agent to start an operation, accept a chunk or reply.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// The signal number of SIGKILL, and the exit code a shell reports for it.
+const SIGKILL: i32 = 9;
+
+/// Opens an operation: a fresh socket pair, one end sent to the agent over `control`.
+pub(super) fn open(control: BorrowedFd<'_>, kind: &[u8]) -> Result<OwnedFd> {
+    let (ours, theirs) = protocol::socketpair()?;
+    for timeout in [Timeout::Recv, Timeout::Send] {
+        rustix::net::sockopt::set_socket_timeout(&ours, timeout, Some(OPERATION_TIMEOUT))
+            .map_err(io::Error::from)?;
+    }
+    protocol::send_record(control, kind, &[theirs.as_fd()])
+        .map_err(|err| Error::internal("sandbox agent unreachable", err))?;
+    Ok(ours)
+}
+
+/// Waits for the agent's reply to an operation.
+pub(super) fn reply(op: &OwnedFd, max_fds: usize) -> Result<(Reply, Vec<OwnedFd>)> {
+    match protocol::recv_reply(op.as_fd(), max_fds, false) {
+        Ok(Some(reply)) => Ok(reply),
+        Ok(None) => Err(Error::Internal("sandbox agent ended the operation".into())),
+        Err(err) => Err(Error::internal("sandbox agent reply", err)),
+    }
+}
+
+/// The error an unexpected or failing reply becomes.
+pub(super) fn failure(reply: Reply) -> Error {
+    match reply {
+        Reply::Failed(message) => Error::Internal(format!("sandbox: {}", bounded(&message))),
+        Reply::FileCopy(detail) => Error::FileCopy(bounded(&detail)),
+        other => Error::Internal(format!("sandbox: unexpected reply {other:?}")),
+    }
+}
+
+/// Text from the agent, cut to a size fit for a log line or an error message.
+fn bounded(text: &str) -> String {
+    text.chars().take(4096).collect()
+}
+
+/// Turns a `Started` reply's descriptors into a [`Process`], checking they are what they
+/// claim: a terminal (character device) and a pipe.
+pub(super) fn process(
+    op: OwnedFd,
+    mut fds: Vec<OwnedFd>,
+    group: Arc<Group>,
+    oom_before: u64,
+) -> Result<Process> {
+    let (Some(stderr), Some(pty)) = (fds.pop(), fds.pop()) else {
+        return Err(Error::Internal(
+            "sandbox: the agent sent no terminal".into(),
+        ));
+    };
+    let kind = |fd: &OwnedFd| -> io::Result<FileType> {
+        Ok(FileType::from_raw_mode(rustix::fs::fstat(fd)?.st_mode))
+    };
+    if kind(&pty)? != FileType::CharacterDevice || kind(&stderr)? != FileType::Fifo {
+        return Err(Error::Internal(
+            "sandbox: the agent sent unexpected descriptors".into(),
+        ));
+    }
+    let op = Arc::new(op);
+    Ok(Process {
+        pty,
+        stderr,
+        exit: Box::new(SandboxExit {
+            op: op.clone(),
+            group,
+            oom_before,
+            outcome: None,
+        }),
+        kill: Arc::new(SandboxKill { op }),
+    })
+}
+
+/// Watches an execution's operation socket for the exit status.
+#[derive(Debug)]
+struct SandboxExit {
+    op: Arc<OwnedFd>,
+    group: Arc<Group>,
+    oom_before: u64,
+    outcome: Option<Outcome>,
+}
+
+impl ExitWatch for SandboxExit {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.op.as_fd()
+    }
+
+    fn outcome(&mut self) -> io::Result<Option<Outcome>> {
+        if self.outcome.is_some() {
+            return Ok(self.outcome);
+        }
+        let reply = match protocol::recv_reply(self.op.as_fd(), 0, true) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(_) | Ok(None) => None,
+            Ok(Some((reply, _))) => Some(reply),
+        };
+        let oom = || self.group.oom_kills() > self.oom_before;
+        let outcome = match reply {
+            Some(Reply::Exited(code)) if code == 128 + SIGKILL && oom() => Outcome::OomKilled,
+            Some(Reply::Exited(code)) => Outcome::Exited(code as u8),
+            Some(Reply::Signaled(SIGKILL)) if oom() => Outcome::OomKilled,
+            Some(Reply::Signaled(signal)) => Outcome::Exited((128 + signal.clamp(0, 127)) as u8),
+            _ => Outcome::Lost,
+        };
+        self.outcome = Some(outcome);
+        Ok(self.outcome)
+    }
+}
+
+/// Ends an execution: the reaper exits when its operation socket is shut down, and with it
+/// every process of the execution. Works while other threads hold the same socket.
+#[derive(Debug)]
+struct SandboxKill {
+    op: Arc<OwnedFd>,
+}
+
+impl Kill for SandboxKill {
+    fn kill(&self) {
+        let _ = rustix::net::shutdown(&*self.op, Shutdown::Both);
+    }
+}
+
+/// Yields exactly `remaining` bytes of `inner`; ending early is an error, not a short file.
+#[derive(Debug)]
+pub(super) struct ExactReader<R> {
+    inner: R,
+    remaining: u64,
+}
+
+impl<R: Read> ExactReader<R> {
+    /// A reader of exactly `length` bytes.
+    pub fn new(inner: R, length: u64) -> Self {
+        ExactReader {
+            inner,
+            remaining: length,
+        }
+    }
+}
+
+impl<R: Read> Read for ExactReader<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        let limit = out
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let read = self.inner.read(&mut out[..limit])?;
+        if read == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.remaining -= read as u64;
+        Ok(read)
+    }
+}

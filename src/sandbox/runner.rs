@@ -1,0 +1,297 @@
+//! A runner of the sandbox executor, as the server holds it: the control socket to the
+//! runner's agent, the agent's launcher process, the runner's cgroup, directory and uid range.
+//! Every operation opens its own socket, so runners need no lock and idle ones no thread.
+
+use std::{
+    fs,
+    io::{self, Read, Write},
+    os::fd::{AsFd, OwnedFd},
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use rustix::net::{Shutdown, sockopt::Timeout};
+
+use super::{
+    AGENT_ARG,
+    agent::{EXECUTE, FILES},
+    cgroup::{Group, Limits},
+    executor::{IDS_PER_RUNNER, Shared},
+    image, operation,
+    protocol::{self, RecordReader, RecordWriter, Reply, Request, Setup},
+};
+use crate::{
+    error::{Error, Result},
+    executor::{Command, FileContent, FileUpdate, Process, Runner, RunnerSpec},
+    id::RunnerId,
+};
+
+/// How long building a runner may take.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent gets to end the runner before its processes are killed.
+const END_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest listing body accepted from an agent.
+const MAX_LISTING: u64 = 256 << 20;
+
+/// A Linux sandbox runner.
+#[derive(Debug)]
+pub struct SandboxRunner {
+    id: RunnerId,
+    shared: Arc<Shared>,
+    slot: u32,
+    dir: PathBuf,
+    group: Arc<Group>,
+    control: OnceLock<OwnedFd>,
+    launcher: Mutex<Option<Child>>,
+    destroyed: AtomicBool,
+}
+
+impl SandboxRunner {
+    /// Builds a runner: uid range, directory, cgroup, then the agent; undone on failure.
+    pub(super) fn start(shared: &Arc<Shared>, id: &RunnerId, spec: &RunnerSpec) -> Result<Self> {
+        let config = &shared.config;
+        let image = image::resolve(&spec.image, &config.images, config.images_dir.as_deref())?;
+        if spec.network_access {
+            shared.warn_network();
+        }
+        let runner = SandboxRunner {
+            id: id.clone(),
+            shared: shared.clone(),
+            slot: shared.take_slot()?,
+            dir: shared.dir.join(id.as_str()),
+            group: Arc::new(shared.cgroups.group(id.as_str())),
+            control: OnceLock::new(),
+            launcher: Mutex::new(None),
+            destroyed: AtomicBool::new(false),
+        };
+        // On error, dropping `runner` destroys whatever part of it exists.
+        fs::create_dir(&runner.dir)?;
+        let memory_mb = match spec.memory_limit {
+            0 => config.default_memory_limit_mb,
+            mb => u64::from(mb),
+        };
+        let limits = Limits::new(
+            memory_mb,
+            config.pids_limit,
+            spec.cpu_limit,
+            config.cpu_hard_limit,
+            config.cpu_mhz,
+        );
+        let group = shared.cgroups.create(id.as_str(), &limits)?;
+        let setup = Setup {
+            hostname: id.as_str().to_owned(),
+            uid_base: config.uid_base + runner.slot * IDS_PER_RUNNER,
+            cgroup_procs: group.procs_files(),
+            image,
+            runner_dir: runner.dir.clone(),
+            disk_limit_mb: config.disk_limit_mb,
+        };
+        runner.launch(&setup)?;
+        Ok(runner)
+    }
+
+    /// Starts the agent and waits until it reports the runner ready.
+    fn launch(&self, setup: &Setup) -> Result<()> {
+        let (ours, theirs) = protocol::socketpair()?;
+        let child = std::process::Command::new(&self.shared.agent)
+            .arg(AGENT_ARG)
+            .arg(std::process::id().to_string())
+            .env_clear()
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|err| Error::internal("cannot start the sandbox agent", err))?;
+        *self.launcher.lock().unwrap() = Some(child);
+        for timeout in [Timeout::Recv, Timeout::Send] {
+            rustix::net::sockopt::set_socket_timeout(&ours, timeout, Some(SETUP_TIMEOUT))
+                .map_err(io::Error::from)?;
+        }
+        let text = serde_json::to_vec(setup).map_err(io::Error::other)?;
+        protocol::send_record(ours.as_fd(), &text, &[])?;
+        let (reply, _) = operation::reply(&ours, 0)?;
+        if reply != Reply::Ready {
+            return Err(operation::failure(reply));
+        }
+        // Sends of operation sockets may block only briefly; replies come on other sockets.
+        rustix::net::sockopt::set_socket_timeout(&ours, Timeout::Recv, None)
+            .map_err(io::Error::from)?;
+        let _ = self.control.set(ours);
+        Ok(())
+    }
+
+    /// Opens an operation of `kind` and sends `request` on it.
+    fn request(&self, kind: &[u8], request: &Request) -> Result<OwnedFd> {
+        if self.destroyed.load(Ordering::SeqCst) {
+            return Err(Error::unknown_runner(&self.id));
+        }
+        let control = self
+            .control
+            .get()
+            .ok_or_else(|| Error::unknown_runner(&self.id))?;
+        let op = operation::open(control.as_fd(), kind)?;
+        let mut out = RecordWriter::new(&op);
+        protocol::write_request(&mut out, request)?;
+        out.flush()?;
+        Ok(op)
+    }
+
+    /// Ends the agent and waits for its launcher; kills by cgroup if that takes too long.
+    fn end_agent(&self) {
+        if let Some(control) = self.control.get() {
+            let _ = rustix::net::shutdown(control, Shutdown::Both);
+        }
+        let Some(mut launcher) = self.launcher.lock().unwrap().take() else {
+            return;
+        };
+        // The launcher is our unreaped child, so its pid cannot have been reused.
+        let pid = rustix::process::Pid::from_child(&launcher);
+        let ended = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+            .map(|pidfd| wait_readable(&pidfd, END_TIMEOUT))
+            .unwrap_or(false);
+        if !ended {
+            self.group.kill_all();
+            let _ = launcher.kill();
+        }
+        let _ = launcher.wait();
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` passes; true if readable.
+fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
+    let timeout = rustix::event::Timespec::try_from(timeout).unwrap_or_default();
+    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+    loop {
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Ok(ready) => return ready > 0,
+            Err(_) => return false,
+        }
+    }
+}
+
+impl Runner for SandboxRunner {
+    fn execute(&self, command: &Command) -> Result<Process> {
+        let oom_before = self.group.oom_kills();
+        let request = Request::Execute {
+            command: command.command.clone(),
+            environment: command.environment.clone(),
+            privileged: command.privileged,
+        };
+        let op = self.request(EXECUTE, &request)?;
+        match operation::reply(&op, 2)? {
+            (Reply::Started, fds) => operation::process(op, fds, self.group.clone(), oom_before),
+            (reply, _) => Err(operation::failure(reply)),
+        }
+    }
+
+    fn list_files(
+        &self,
+        path: &str,
+        recursive: bool,
+        privileged: bool,
+    ) -> Result<Box<dyn Read + Send>> {
+        let request = Request::List {
+            path: path.to_owned(),
+            recursive,
+            privileged,
+        };
+        let op = self.request(FILES, &request)?;
+        match operation::reply(&op, 0)? {
+            (Reply::Done(_), _) => Ok(Box::new(RecordReader::new(op, MAX_LISTING))),
+            (Reply::NotFound, _) => Err(not_found(path)),
+            (reply, _) => Err(operation::failure(reply)),
+        }
+    }
+
+    fn read_file(&self, path: &str, privileged: bool) -> Result<FileContent> {
+        let request = Request::Read {
+            path: path.to_owned(),
+            privileged,
+        };
+        let op = self.request(FILES, &request)?;
+        match operation::reply(&op, 0)? {
+            (Reply::Done(Some(length)), _) => {
+                let reader = operation::ExactReader::new(RecordReader::new(op, length), length);
+                Ok(FileContent {
+                    length,
+                    reader: Box::new(reader),
+                })
+            }
+            (Reply::NotFound, _) => Err(not_found(path)),
+            (reply, _) => Err(operation::failure(reply)),
+        }
+    }
+
+    fn update_files(&self, update: &FileUpdate) -> Result<()> {
+        let copy = update
+            .copy
+            .iter()
+            .map(|e| (e.path.clone(), e.content.len() as u64))
+            .collect();
+        let request = Request::Update {
+            delete: update.delete.clone(),
+            copy,
+        };
+        let op = self.request(FILES, &request)?;
+        let mut out = RecordWriter::new(&op);
+        // If the agent stops reading (it failed), its reply still explains why.
+        let sent = update
+            .copy
+            .iter()
+            .try_for_each(|entry| out.write_all(&entry.content))
+            .and_then(|()| out.flush());
+        match (operation::reply(&op, 0), sent) {
+            (Ok((Reply::Done(_), _)), Ok(())) => Ok(()),
+            (Ok((Reply::NotFound, _)), _) => Err(Error::FileCopy("file not found".into())),
+            (Ok((reply, _)), _) => Err(operation::failure(reply)),
+            (Err(_), Err(err)) => Err(Error::internal("sandbox: sending files", err)),
+            (Err(err), Ok(())) => Err(err),
+        }
+    }
+
+    fn destroy(&self) {
+        if self.destroyed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.end_agent();
+        let cleaned = match self.group.remove() {
+            Ok(()) => true,
+            Err(err) => {
+                log::error!(
+                    "sandbox: cannot remove the cgroup of runner {}: {err}",
+                    self.id
+                );
+                false
+            }
+        };
+        if let Err(err) = fs::remove_dir(&self.dir) {
+            if err.kind() != io::ErrorKind::NotFound {
+                log::warn!("sandbox: cannot remove {}: {err}", self.dir.display());
+            }
+        }
+        // A uid range is reused only once no process of this runner can hold it.
+        if cleaned {
+            self.shared.give_slot(self.slot);
+        }
+    }
+}
+
+impl Drop for SandboxRunner {
+    fn drop(&mut self) {
+        self.destroy();
+    }
+}
+
+fn not_found(path: &str) -> Error {
+    Error::FileNotFound(if path.is_empty() {
+        "./".to_owned()
+    } else {
+        path.to_owned()
+    })
+}

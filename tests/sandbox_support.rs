@@ -1,0 +1,216 @@
+//! Helpers for the sandbox tests: an executor of its own per test (state directory, cgroup
+//! name and uid range), running commands with timeouts, and cleanup. Tests skip (with a
+//! message) when not run as root.
+#![allow(dead_code)]
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use poseidon_lite::{
+    Config,
+    executor::{Command, Executor, Outcome, Runner, RunnerSpec},
+    id::{EnvironmentId, RunnerId},
+    sandbox::SandboxExecutor,
+};
+
+/// How long any single step of a test may block.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// An executor with its own state directory, cgroup name and uid range; cleans up on drop.
+#[derive(Debug)]
+pub struct TestExecutor {
+    /// The executor under test.
+    pub executor: SandboxExecutor,
+    /// Its configuration.
+    pub config: Config,
+    /// Its state directory.
+    pub state: PathBuf,
+}
+
+impl TestExecutor {
+    /// A fresh executor, or `None` (with a message) when not root.
+    pub fn new() -> Option<TestExecutor> {
+        Self::with(|_| {})
+    }
+
+    /// A fresh executor with a modified configuration.
+    pub fn with(modify: impl FnOnce(&mut Config)) -> Option<TestExecutor> {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipped: the sandbox tests need root");
+            return None;
+        }
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("poseidon-lite-test-{}-{n}", std::process::id());
+        let state = std::env::temp_dir().join(&name);
+        let mut config = Config::ephemeral(&state);
+        config.sandbox.agent = Some(PathBuf::from(env!("CARGO_BIN_EXE_poseidon-lite")));
+        config.sandbox.cgroup_name = name;
+        // Each executor its own uid ranges (64 runners' worth), so parallel tests never share ids.
+        config.sandbox.uid_base = (1 << 24) + (n % 256) * 64 * 65536;
+        config.sandbox.pids_limit = 128;
+        modify(&mut config);
+        let executor = SandboxExecutor::new(&config).expect("sandbox executor");
+        Some(TestExecutor {
+            executor,
+            config,
+            state,
+        })
+    }
+
+    /// A runner of the host image without limits.
+    pub fn runner(&self) -> Arc<dyn Runner> {
+        self.runner_with(|_| {})
+    }
+
+    /// A runner with a modified specification.
+    pub fn runner_with(&self, modify: impl FnOnce(&mut RunnerSpec)) -> Arc<dyn Runner> {
+        let mut spec = RunnerSpec {
+            environment: EnvironmentId(1),
+            image: "host".into(),
+            cpu_limit: 0,
+            memory_limit: 0,
+            network_access: false,
+        };
+        modify(&mut spec);
+        let id = RunnerId::new(spec.environment);
+        self.executor.create(&id, &spec).expect("runner")
+    }
+
+    /// The executor's cgroup directories (one per hierarchy).
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        let name = &self.config.sandbox.cgroup_name;
+        let mut dirs = Vec::new();
+        for entry in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            let dir = entry.path().join(name);
+            if dir.is_dir() {
+                dirs.push(dir);
+            }
+        }
+        if Path::new("/sys/fs/cgroup").join(name).is_dir() {
+            dirs.push(Path::new("/sys/fs/cgroup").join(name));
+        }
+        dirs
+    }
+
+    /// Names of the runner groups and directories that exist now.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for dir in self
+            .cgroup_dirs()
+            .into_iter()
+            .chain([self.state.join("sandbox")])
+        {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().unwrap().is_dir() {
+                    names.push(entry.path().display().to_string());
+                }
+            }
+        }
+        names
+    }
+}
+
+impl Drop for TestExecutor {
+    fn drop(&mut self) {
+        self.executor.remove_leftovers(&[]);
+        for dir in self.cgroup_dirs() {
+            let _ = std::fs::remove_dir(dir);
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+/// What a finished command produced.
+#[derive(Debug)]
+pub struct Run {
+    /// What the terminal showed (stdout and echoed input).
+    pub stdout: String,
+    /// What went to stderr.
+    pub stderr: String,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// Runs a command as the user.
+#[track_caller]
+pub fn run(runner: &dyn Runner, command: &str) -> Run {
+    run_with(runner, command, false, b"")
+}
+
+/// Runs a command as root inside.
+#[track_caller]
+pub fn run_root(runner: &dyn Runner, command: &str) -> Run {
+    run_with(runner, command, true, b"")
+}
+
+/// Runs a command, feeding `stdin` to its terminal, and waits (bounded) for its end.
+#[track_caller]
+pub fn run_with(runner: &dyn Runner, command: &str, privileged: bool, stdin: &[u8]) -> Run {
+    let command = Command {
+        command: command.into(),
+        environment: vec![],
+        privileged,
+    };
+    let mut process = runner.execute(&command).expect("execute");
+    let mut pty = File::from(process.pty);
+    if !stdin.is_empty() {
+        pty.write_all(stdin).unwrap();
+    }
+    let stdout = read_all(pty);
+    let stderr = read_all(File::from(process.stderr));
+    let outcome = loop {
+        if !wait_readable(process.exit.fd(), TIMEOUT) {
+            process.kill.kill();
+            panic!("command {:?} did not end in time", command.command);
+        }
+        if let Some(outcome) = process.exit.outcome().unwrap() {
+            break outcome;
+        }
+    };
+    let stdout = stdout.recv_timeout(TIMEOUT).expect("stdout to end");
+    let stderr = stderr.recv_timeout(TIMEOUT).expect("stderr to end");
+    Run {
+        stdout,
+        stderr,
+        outcome,
+    }
+}
+
+/// Reads a descriptor to its end (EIO for a terminal) on a thread.
+pub fn read_all(mut file: File) -> crossbeam_channel::Receiver<String> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    thread::spawn(move || {
+        let mut out = Vec::new();
+        let mut buf = [0; 4096];
+        while let Ok(n @ 1..) = file.read(&mut buf) {
+            out.extend_from_slice(&buf[..n]);
+        }
+        let _ = tx.send(String::from_utf8_lossy(&out).into_owned());
+    });
+    rx
+}
+
+/// Waits until `fd` is readable; false on timeout.
+pub fn wait_readable(fd: impl AsFd, timeout: Duration) -> bool {
+    let timeout = rustix::event::Timespec::try_from(timeout).unwrap();
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    rustix::event::poll(&mut fds, Some(&timeout)).unwrap() > 0
+}
+
+/// Keeps an owned descriptor alive for the length of a test.
+pub fn keep(_fd: OwnedFd) {}

@@ -88,6 +88,48 @@ impl TestExecutor {
         self.executor.create(&id, &spec).expect("runner")
     }
 
+    /// Host pids of every process in the executor's runner cgroups.
+    pub fn runner_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        for dir in self.cgroup_dirs().into_iter().take(1) {
+            for group in std::fs::read_dir(dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().is_dir())
+            {
+                let procs =
+                    std::fs::read_to_string(group.path().join("cgroup.procs")).unwrap_or_default();
+                pids.extend(procs.lines().filter_map(|line| line.parse::<u32>().ok()));
+            }
+        }
+        pids
+    }
+
+    /// Host pids of every process whose real or effective uid lies in the executor's ranges.
+    pub fn processes_in_uid_ranges(&self) -> Vec<u32> {
+        let base = u64::from(self.config.sandbox.uid_base);
+        let range = base..base + 64 * 65536;
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+            let uids = status
+                .lines()
+                .find_map(|line| line.strip_prefix("Uid:"))
+                .unwrap_or("");
+            if uids
+                .split_whitespace()
+                .filter_map(|u| u.parse::<u64>().ok())
+                .any(|u| range.contains(&u))
+            {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     /// The executor's cgroup directories (one per hierarchy).
     pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
         let name = &self.config.sandbox.cgroup_name;
@@ -210,6 +252,104 @@ pub fn wait_readable(fd: impl AsFd, timeout: Duration) -> bool {
         rustix::event::PollFlags::IN,
     )];
     rustix::event::poll(&mut fds, Some(&timeout)).unwrap() > 0
+}
+
+/// Host uids (real, effective, saved, fs) of a process.
+pub fn host_uids(pid: u32) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let uids = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .unwrap_or("");
+    uids.split_whitespace()
+        .filter_map(|u| u.parse().ok())
+        .collect()
+}
+
+/// Repeats `check` until it holds or [`TIMEOUT`] passes (for effects the kernel completes
+/// asynchronously, like the end of killed processes); false on timeout.
+pub fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// A started command whose output is collected in the background.
+pub struct Started {
+    /// The process (exit watch and kill switch).
+    pub process_exit: Box<dyn poseidon_lite::executor::ExitWatch>,
+    /// Ends the process.
+    pub kill: Arc<dyn poseidon_lite::executor::Kill>,
+    /// The terminal (read by [`Started::wait_for_output`]).
+    pub pty: File,
+    /// Everything written to stderr, once the command's processes are gone.
+    pub stderr: crossbeam_channel::Receiver<String>,
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Started").finish_non_exhaustive()
+    }
+}
+
+/// Starts a command without waiting for it.
+#[track_caller]
+pub fn start(runner: &dyn Runner, command: &str, privileged: bool) -> Started {
+    let command = Command {
+        command: command.into(),
+        environment: vec![],
+        privileged,
+    };
+    let process = runner.execute(&command).expect("execute");
+    // Keep stderr drained (a closed pipe would kill the command with SIGPIPE).
+    let stderr = read_all(File::from(process.stderr));
+    Started {
+        process_exit: process.exit,
+        kill: process.kill,
+        pty: File::from(process.pty),
+        stderr,
+    }
+}
+
+impl Started {
+    /// Waits (bounded) for the outcome.
+    #[track_caller]
+    pub fn wait(&mut self) -> Outcome {
+        loop {
+            assert!(
+                wait_readable(self.process_exit.fd(), TIMEOUT),
+                "command did not end in time"
+            );
+            if let Some(outcome) = self.process_exit.outcome().unwrap() {
+                return outcome;
+            }
+        }
+    }
+
+    /// Waits (bounded) until the terminal shows `text`.
+    #[track_caller]
+    pub fn wait_for_output(&mut self, text: &str) -> String {
+        let mut seen = String::new();
+        let mut buf = [0; 4096];
+        let pty = &mut self.pty;
+        let deadline = std::time::Instant::now() + TIMEOUT;
+        while !seen.contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {text:?} in {seen:?}"
+            );
+            if wait_readable(&*pty, Duration::from_millis(100)) {
+                let n = pty.read(&mut buf).unwrap_or(0);
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+        seen
+    }
 }
 
 /// Keeps an owned descriptor alive for the length of a test.

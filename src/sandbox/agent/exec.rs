@@ -42,7 +42,11 @@ struct Identity {
 pub(super) fn serve(op: OwnedFd, context: &Context) -> i32 {
     sys::ignore_children(false);
     match start(&op, context) {
-        Ok(child) => wait(&op, child),
+        // The reaper keeps a descriptor of the terminal's slave side until it has sent the
+        // status, so that the server's reader sees end of file (EIO) only after the status
+        // is known; had the server closed the master earlier, the hangup would have killed a
+        // command that had closed its terminal but not yet exited (status 129 instead of 0).
+        Ok((child, _slave)) => wait(&op, child),
         Err(err) => {
             let _ = protocol::send_reply(op.as_fd(), &Reply::Failed(err.to_string()), &[]);
             1
@@ -52,7 +56,7 @@ pub(super) fn serve(op: OwnedFd, context: &Context) -> i32 {
 
 /// Reads the request, mounts this pid namespace's /proc, starts the command and hands its
 /// terminal and stderr to the server.
-fn start(op: &OwnedFd, context: &Context) -> io::Result<Pid> {
+fn start(op: &OwnedFd, context: &Context) -> io::Result<(Pid, OwnedFd)> {
     let request = protocol::read_request(&mut RecordReader::new(op, MAX_REQUEST))?;
     let Request::Execute {
         command,
@@ -97,13 +101,13 @@ fn start(op: &OwnedFd, context: &Context) -> io::Result<Pid> {
             std::process::exit(127)
         }
         Forked::Parent(child) => {
-            drop((slave, err_write));
+            drop(err_write);
             protocol::send_reply(
                 op.as_fd(),
                 &Reply::Started,
                 &[master.as_fd(), err_read.as_fd()],
             )?;
-            Ok(child)
+            Ok((child, slave))
         }
     }
 }

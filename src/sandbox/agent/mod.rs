@@ -70,8 +70,12 @@ pub(super) fn main(args: &[OsString]) -> i32 {
         Err(err) => fail(format!("cannot fork the init: {err}")),
         Ok(Forked::Child) => init(&control, &setup, userns),
         Ok(Forked::Parent(pid)) => {
-            // The launcher only waits: the init alone holds the runner's end of the socket.
+            // The launcher only waits: the init alone holds the runner's end of the socket,
+            // and no process of a runner stays host root (the runner's base uid is unused on
+            // the host). Changing ids clears the parent death signal: set it again.
             drop((control, userns));
+            let _ = rootfs::become_user(setup.uid_base, setup.uid_base);
+            let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
             wait_for(pid);
             0
         }
@@ -184,6 +188,8 @@ fn prepare(setup: &Setup, userns: OwnedFd) -> Result<Context, String> {
         .map_err(|err| format!("cannot enter the user namespace: {err}"))?;
     drop(userns);
     rootfs::become_user(0, 0).map_err(|err| format!("cannot become root inside: {err}"))?;
+    // Changing ids cleared the parent death signal.
+    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
     Ok(Context {
         user,
         filter: seccomp::program(),

@@ -107,7 +107,9 @@ impl std::str::FromStr for ExecutorKind {
         match text {
             "process" => Ok(ExecutorKind::Process),
             "sandbox" => Ok(ExecutorKind::Sandbox),
-            other => Err(format!("unknown executor {other:?} (expected process or sandbox)")),
+            other => Err(format!(
+                "unknown executor {other:?} (expected process or sandbox)"
+            )),
         }
     }
 }
@@ -122,8 +124,6 @@ pub struct RunnerConfig {
     pub capacity: usize,
     /// Threads that create runners for the prewarming pools.
     pub prewarm_threads: usize,
-    /// Grace period in milliseconds between asking an execution to stop and killing it.
-    pub kill_grace_ms: u64,
     /// Largest output of one execution in bytes before it is stopped (0 = unlimited).
     pub max_output_bytes: u64,
 }
@@ -134,7 +134,6 @@ impl Default for RunnerConfig {
             executor: ExecutorKind::Process,
             capacity: 1000,
             prewarm_threads: 2,
-            kill_grace_ms: 100,
             max_output_bytes: 0,
         }
     }
@@ -193,7 +192,9 @@ pub struct StateConfig {
 
 impl Default for StateConfig {
     fn default() -> Self {
-        StateConfig { dir: default_state_dir() }
+        StateConfig {
+            dir: default_state_dir(),
+        }
     }
 }
 
@@ -207,7 +208,9 @@ pub struct LoggerConfig {
 
 impl Default for LoggerConfig {
     fn default() -> Self {
-        LoggerConfig { level: "info".to_owned() }
+        LoggerConfig {
+            level: "info".to_owned(),
+        }
     }
 }
 
@@ -269,7 +272,10 @@ mod tests {
         assert_eq!(config.server.websocket_port(), 0);
         assert_eq!(config.server.token.as_deref(), Some("s"));
         assert_eq!(config.runner.executor, ExecutorKind::Sandbox);
-        assert_eq!(config.sandbox.images["openhpi/co_execenv_python:3.8"], "host");
+        assert_eq!(
+            config.sandbox.images["openhpi/co_execenv_python:3.8"],
+            "host"
+        );
     }
 
     #[test]

@@ -72,7 +72,9 @@ impl Error {
             Error::UnknownRunner(_) => 410,
             Error::PayloadTooLarge(_) => 413,
             Error::FileNotFound(_) => 424,
-            Error::NoRunnerAvailable | Error::FileCopy(_) | Error::Io(_) | Error::Internal(_) => 500,
+            Error::NoRunnerAvailable | Error::FileCopy(_) | Error::Io(_) | Error::Internal(_) => {
+                500
+            }
         }
     }
 
@@ -137,6 +139,12 @@ impl std::error::Error for Error {
 impl From<io::Error> for Error {
     fn from(err: io::Error) -> Self {
         Error::Io(err)
+    }
+}
+
+impl From<rustix::io::Errno> for Error {
+    fn from(errno: rustix::io::Errno) -> Self {
+        Error::Io(errno.into())
     }
 }
 

@@ -98,7 +98,10 @@ mod tests {
     #[test]
     fn foreign_runner_ids_are_rejected() {
         assert_eq!(RunnerId::parse("42"), None);
-        assert_eq!(RunnerId::parse("x-0b7f3c2e-0000-4000-8000-000000000000"), None);
+        assert_eq!(
+            RunnerId::parse("x-0b7f3c2e-0000-4000-8000-000000000000"),
+            None
+        );
         assert_eq!(RunnerId::parse("42-../../etc"), None);
         assert!(ExecutionId::parse("nope").is_none());
     }

@@ -1,3 +1,32 @@
-//! The poseidon-lite server binary.
+//! The poseidon-lite server binary: configuration from file, environment and flags, then the
+//! server until SIGTERM or SIGINT.
 
-fn main() {}
+use clap::Parser;
+use signal_hook::{
+    consts::{SIGINT, SIGTERM},
+    iterator::Signals,
+};
+
+fn main() {
+    if let Err(message) = run() {
+        eprintln!("poseidon-lite: {message}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let config = poseidon_lite::cli::Cli::parse().into_config()?;
+    env_logger::Builder::new()
+        .parse_filters(&config.logger.level)
+        .format_timestamp_micros()
+        .init();
+    // Registered before the server starts so that no signal arrives unhandled.
+    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|err| err.to_string())?;
+    let server = poseidon_lite::Server::bind(config).map_err(|err| err.to_string())?;
+    let handle = server.spawn().map_err(|err| err.to_string())?;
+    if let Some(signal) = signals.forever().next() {
+        log::info!("received signal {signal}");
+    }
+    handle.shutdown();
+    Ok(())
+}

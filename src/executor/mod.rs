@@ -5,6 +5,7 @@
 //! [`crate::sandbox`] (a Linux sandbox per runner). The manager only sees these traits.
 
 pub mod process;
+pub mod pty;
 
 use std::{
     fmt,
@@ -107,7 +108,9 @@ pub struct FileContent {
 
 impl fmt::Debug for FileContent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FileContent").field("length", &self.length).finish_non_exhaustive()
+        f.debug_struct("FileContent")
+            .field("length", &self.length)
+            .finish_non_exhaustive()
     }
 }
 
@@ -117,8 +120,12 @@ pub trait Runner: Send + Sync + fmt::Debug {
     fn execute(&self, command: &Command) -> Result<Process>;
     /// Lists `path`; the reader yields the whole JSON body `{"files": [...]}`.
     /// A missing or unreadable path is [`crate::Error::FileNotFound`].
-    fn list_files(&self, path: &str, recursive: bool, privileged: bool)
-    -> Result<Box<dyn Read + Send>>;
+    fn list_files(
+        &self,
+        path: &str,
+        recursive: bool,
+        privileged: bool,
+    ) -> Result<Box<dyn Read + Send>>;
     /// Opens a regular file for download.
     fn read_file(&self, path: &str, privileged: bool) -> Result<FileContent>;
     /// Deletes, then copies files, as root inside the runner.

@@ -36,7 +36,10 @@ struct Entry {
 #[derive(Debug)]
 enum Start {
     Single(Entry),
-    Directory { dir: OwnedFd, prefix: Option<String> },
+    Directory {
+        dir: OwnedFd,
+        prefix: Option<String>,
+    },
 }
 
 /// A listing whose start path exists and is readable; writing it streams the JSON body.
@@ -67,7 +70,9 @@ impl Listing {
             let prefix = recursive.then(|| format!("{}/", display.trim_end_matches('/')));
             Start::Directory { dir, prefix }
         } else {
-            let target = rustix::fs::readlinkat(&fd, "", Vec::new()).ok().map(|t| t.into_bytes());
+            let target = rustix::fs::readlinkat(&fd, "", Vec::new())
+                .ok()
+                .map(|t| t.into_bytes());
             let entry = entry(&names, display.to_owned(), &stat, target.as_deref())
                 .ok_or_else(not_found)?;
             Start::Single(entry)
@@ -79,7 +84,11 @@ impl Listing {
     pub fn write_json(self, out: impl Write) -> io::Result<()> {
         let mut out = BufWriter::with_capacity(64 << 10, out);
         out.write_all(br#"{"files": ["#)?;
-        let mut writer = EntryWriter { out: &mut out, first: true, names: &self.names };
+        let mut writer = EntryWriter {
+            out: &mut out,
+            first: true,
+            names: &self.names,
+        };
         match self.start {
             Start::Single(entry) => writer.write(&entry)?,
             Start::Directory { dir, prefix: None } => {
@@ -89,7 +98,10 @@ impl Listing {
                     }
                 }
             }
-            Start::Directory { dir, prefix: Some(prefix) } => writer.walk(&dir, &prefix, 0)?,
+            Start::Directory {
+                dir,
+                prefix: Some(prefix),
+            } => writer.walk(&dir, &prefix, 0)?,
         }
         out.write_all(b"]}")?;
         out.flush()

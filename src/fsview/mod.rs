@@ -54,7 +54,11 @@ impl Root {
             OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        Ok(Root { dir, workspace: workspace.trim_end_matches('/').to_owned(), names })
+        Ok(Root {
+            dir,
+            workspace: workspace.trim_end_matches('/').to_owned(),
+            names,
+        })
     }
 
     /// The path inside the view that a request path denotes.
@@ -89,7 +93,9 @@ impl Root {
     pub fn open_file(&self, path: &str) -> Result<FileContent> {
         let not_found = || Error::FileNotFound(path.to_owned());
         let flags = OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK;
-        let fd = self.open_at(&self.view_path(path), flags).map_err(|_| not_found())?;
+        let fd = self
+            .open_at(&self.view_path(path), flags)
+            .map_err(|_| not_found())?;
         let stat = rustix::fs::fstat(&fd).map_err(|_| not_found())?;
         if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
             return Err(not_found());
@@ -97,7 +103,10 @@ impl Root {
         let mut file = File::from(fd);
         let length = u64::try_from(stat.st_size).unwrap_or(0);
         if length > 0 {
-            return Ok(FileContent { length, reader: Box::new(file.take(length)) });
+            return Ok(FileContent {
+                length,
+                reader: Box::new(file.take(length)),
+            });
         }
         // Pseudo files report size 0 but have content: read it to know the length.
         let mut content = Vec::new();
@@ -105,7 +114,10 @@ impl Root {
             .take(ZERO_SIZE_READ_LIMIT)
             .read_to_end(&mut content)
             .map_err(|_| not_found())?;
-        Ok(FileContent { length: content.len() as u64, reader: Box::new(io::Cursor::new(content)) })
+        Ok(FileContent {
+            length: content.len() as u64,
+            reader: Box::new(io::Cursor::new(content)),
+        })
     }
 
     /// Deletes, then copies, as the calling user (root inside a runner). Every entry is tried;

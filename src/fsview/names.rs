@@ -42,7 +42,9 @@ impl Names {
 
     /// Builds the maps from the files' text.
     pub fn parse(passwd: &str, group: &str) -> Names {
-        let users = parse_passwd(passwd).map(|entry| (entry.uid, entry.name)).collect();
+        let users = parse_passwd(passwd)
+            .map(|entry| (entry.uid, entry.name))
+            .collect();
         let groups = group
             .lines()
             .filter_map(|line| {
@@ -57,12 +59,18 @@ impl Names {
 
     /// The name of a user id.
     pub fn user(&self, uid: u32) -> String {
-        self.users.get(&uid).cloned().unwrap_or_else(|| uid.to_string())
+        self.users
+            .get(&uid)
+            .cloned()
+            .unwrap_or_else(|| uid.to_string())
     }
 
     /// The name of a group id.
     pub fn group(&self, gid: u32) -> String {
-        self.groups.get(&gid).cloned().unwrap_or_else(|| gid.to_string())
+        self.groups
+            .get(&gid)
+            .cloned()
+            .unwrap_or_else(|| gid.to_string())
     }
 }
 
@@ -72,7 +80,9 @@ pub(crate) fn read_in(root: &impl AsFd, path: &str) -> String {
         return String::new();
     };
     let mut text = String::new();
-    let _ = std::fs::File::from(fd).take(MAX_DATABASE_BYTES).read_to_string(&mut text);
+    let _ = std::fs::File::from(fd)
+        .take(MAX_DATABASE_BYTES)
+        .read_to_string(&mut text);
     text
 }
 
@@ -109,10 +119,17 @@ mod tests {
 
     #[test]
     fn passwd_entries_carry_ids_and_home() {
-        let entry = parse_passwd("user:x:1001:1002::/home/user:/bin/sh").next().unwrap();
+        let entry = parse_passwd("user:x:1001:1002::/home/user:/bin/sh")
+            .next()
+            .unwrap();
         assert_eq!(
             entry,
-            PasswdEntry { name: "user".into(), uid: 1001, gid: 1002, home: "/home/user".into() }
+            PasswdEntry {
+                name: "user".into(),
+                uid: 1001,
+                gid: 1002,
+                home: "/home/user".into()
+            }
         );
     }
 }

@@ -31,16 +31,27 @@ pub(super) fn apply(root: &Root, update: &FileUpdate) -> Result<()> {
     let failures: Vec<String> = update
         .copy
         .iter()
-        .filter_map(|entry| copy(root, entry).err().map(|err| format!("{}: {err}", entry.path)))
+        .filter_map(|entry| {
+            copy(root, entry)
+                .err()
+                .map(|err| format!("{}: {err}", entry.path))
+        })
         .collect();
-    if failures.is_empty() { Ok(()) } else { Err(Error::FileCopy(failures.join("; "))) }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::FileCopy(failures.join("; ")))
+    }
 }
 
 /// Removes a path recursively; like `rm --force`, failures are ignored.
 fn delete(root: &Root, path: &str) {
     if path == "./*" {
         if let Ok(workspace) = root.open_at(&root.workspace, OFlags::RDONLY | OFlags::DIRECTORY) {
-            for name in entry_names(&workspace).into_iter().filter(|name| !name.starts_with(b".")) {
+            for name in entry_names(&workspace)
+                .into_iter()
+                .filter(|name| !name.starts_with(b"."))
+            {
                 remove_tree(&workspace, &name, 0);
             }
         }
@@ -48,14 +59,18 @@ fn delete(root: &Root, path: &str) {
     }
     let view = clean(&root.view_path(path));
     // Like rm, refuse to remove the root itself.
-    let Some((parent, name)) = split_parent(&view) else { return };
+    let Some((parent, name)) = split_parent(&view) else {
+        return;
+    };
     if let Ok(parent) = root.open_at(parent, OFlags::PATH | OFlags::DIRECTORY) {
         remove_tree(&parent, name.as_bytes(), 0);
     }
 }
 
 fn entry_names(dir: &impl AsFd) -> Vec<Vec<u8>> {
-    let Ok(mut iter) = Dir::read_from(dir) else { return Vec::new() };
+    let Ok(mut iter) = Dir::read_from(dir) else {
+        return Vec::new();
+    };
     let mut names = Vec::new();
     while let Some(Ok(entry)) = iter.read() {
         let name = entry.file_name().to_bytes();
@@ -68,7 +83,9 @@ fn entry_names(dir: &impl AsFd) -> Vec<Vec<u8>> {
 
 /// Removes `name` in `parent` and, for a directory, everything below it; never follows links.
 fn remove_tree(parent: &impl AsFd, name: &[u8], depth: usize) {
-    let Ok(stat) = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) else { return };
+    let Ok(stat) = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW) else {
+        return;
+    };
     if FileType::from_raw_mode(stat.st_mode) != FileType::Directory {
         let _ = rustix::fs::unlinkat(parent, name, AtFlags::empty());
         return;
@@ -89,9 +106,13 @@ fn copy(root: &Root, entry: &FileEntry) -> io::Result<()> {
     let view = clean(&root.view_path(&entry.path));
     if entry.path.ends_with('/') {
         let dir = make_dirs(root, &view)?;
+        // The walk yields O_PATH descriptors, which cannot be chmod-ed; reopen the directory.
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let dir = rustix::fs::openat(&dir, ".", flags, Mode::empty())?;
         return rustix::fs::fchmod(&dir, Mode::from_raw_mode(DIRECTORY_MODE)).map_err(Into::into);
     }
-    let (parent, name) = split_parent(&view).ok_or_else(|| cannot_open(rustix::io::Errno::ISDIR))?;
+    let (parent, name) =
+        split_parent(&view).ok_or_else(|| cannot_open(rustix::io::Errno::ISDIR))?;
     let parent = make_dirs(root, parent)?;
     // Replace whatever is there (a symlink is replaced, not followed), as tar does.
     match rustix::fs::unlinkat(&parent, name, AtFlags::empty()) {

@@ -140,8 +140,10 @@ fn relay(
     loop {
         select! {
             recv(running.events) -> event => {
-                let Ok(mut event) = event else { return Some(WsMessage::Error(FAILED.into())) };
-                for _ in 0..BATCH {
+                let Ok(event) = event else { return Some(WsMessage::Error(FAILED.into())) };
+                // Write what is already queued before one flush.
+                let queued = running.events.try_iter().take(BATCH);
+                for event in std::iter::once(event).chain(queued) {
                     if let Event::Exit(outcome) = event {
                         let last = output.flush(writer);
                         // A stop requested for the runner explains the death of the process.
@@ -156,10 +158,6 @@ fn relay(
                     if limits.max_output.is_some_and(|max| output.bytes > max) {
                         running.kill();
                         return Some(WsMessage::Error("the output limit was exceeded".into()));
-                    }
-                    match running.events.try_recv() {
-                        Ok(next) => event = next,
-                        Err(_) => break,
                     }
                 }
                 if writer.context.flush(&mut writer.stream).is_err() {

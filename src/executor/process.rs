@@ -181,14 +181,25 @@ impl Runner for ProcessRunner {
         if self.destroyed.swap(true, Ordering::SeqCst) {
             return;
         }
-        let live = std::mem::take(&mut *self.live.lock().expect("live list poisoned"));
-        for kill in live.iter().filter_map(Weak::upgrade) {
-            kill.kill();
-        }
+        self.kill_all();
         if let Err(err) = fs::remove_dir_all(&self.dir)
             && err.kind() != io::ErrorKind::NotFound
         {
             log::warn!("cannot remove workspace {}: {err}", self.dir.display());
+        }
+    }
+
+    fn suspend(&self) {
+        // The workspace stays: the restarted server takes the runner back.
+        self.kill_all();
+    }
+}
+
+impl ProcessRunner {
+    fn kill_all(&self) {
+        let live = std::mem::take(&mut *self.live.lock().expect("live list poisoned"));
+        for kill in live.iter().filter_map(Weak::upgrade) {
+            kill.kill();
         }
     }
 }

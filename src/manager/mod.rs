@@ -557,23 +557,27 @@ impl Manager {
     /// Stops every execution and destroys every runner.
     pub fn shutdown(&self) {
         let mut effects = Effects::default();
+        let mut idle = Vec::new();
         {
             let mut state = self.lock();
             state.closing = true;
             for env in state.environments.values_mut() {
-                effects
-                    .destroy
-                    .extend(env.idle.drain(..).map(|(_, runner)| runner));
+                idle.extend(env.idle.drain(..).map(|(_, runner)| runner));
             }
             let ids: Vec<RunnerId> = state.runners.keys().cloned().collect();
             for id in ids {
                 state.remove_claimed(&id, StopReason::Shutdown, &mut effects);
             }
         }
-        // Claimed runners are destroyed but their records kept: an executor that can take
-        // them back after the restart will.
+        // Claimed runners are suspended, not destroyed, and their records kept: an executor
+        // that can take them back after the restart will.
         effects.forget.clear();
+        let claimed = std::mem::take(&mut effects.destroy);
+        effects.destroy = idle;
         self.apply(effects);
+        for runner in claimed {
+            runner.suspend();
+        }
     }
 
     /// Runner counts: (idle, claimed, being created).

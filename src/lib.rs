@@ -21,8 +21,9 @@ pub mod sandbox;
 pub mod server;
 pub mod store;
 #[allow(unsafe_code)]
-pub(crate) mod sys;
+mod sys;
 
 pub use config::Config;
 pub use error::{Error, Result};
 pub use server::{Server, ServerHandle};
+pub use sys::Allocator;

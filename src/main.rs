@@ -7,6 +7,10 @@ use signal_hook::{
     iterator::Signals,
 };
 
+/// Keeps absurd announced body sizes from aborting the server (see the type's docs).
+#[global_allocator]
+static ALLOCATOR: poseidon_lite::Allocator = poseidon_lite::Allocator;
+
 fn main() {
     if let Err(message) = run() {
         eprintln!("poseidon-lite: {message}");

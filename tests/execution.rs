@@ -64,7 +64,10 @@ fn messages_follow_the_schema_and_end_with_one_final_message_and_close() {
     // `transcript` checks the schema of every message, the order and the close code.
     let transcript = server.run(&runner, "printf \"a\\nb\\n\"; printf c >&2");
     assert_eq!(transcript.messages.first(), Some(&json!({"type": "start"})));
-    assert_eq!(transcript.messages.last(), Some(&json!({"type": "exit", "data": 0})));
+    assert_eq!(
+        transcript.messages.last(),
+        Some(&json!({"type": "exit", "data": 0}))
+    );
     assert_eq!(transcript.stdout, "a\r\nb\r\n");
     assert_eq!(transcript.stderr, "c");
 }
@@ -140,9 +143,18 @@ fn large_output_arrives_complete_and_in_order() {
     let server = TestServer::start();
     let runner = server.ready_runner();
     let transcript = server.run(&runner, "seq 1 100000");
-    let lines: Vec<&str> = transcript.stdout.split("\r\n").filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = transcript
+        .stdout
+        .split("\r\n")
+        .filter(|l| !l.is_empty())
+        .collect();
     assert_eq!(lines.len(), 100_000);
-    assert!(lines.iter().enumerate().all(|(i, line)| line.parse::<usize>() == Ok(i + 1)));
+    assert!(
+        lines
+            .iter()
+            .enumerate()
+            .all(|(i, line)| line.parse::<usize>() == Ok(i + 1))
+    );
     assert_eq!(transcript.exit_code(), Some(0));
 }
 
@@ -151,13 +163,24 @@ fn closing_the_websocket_kills_the_program_promptly() {
     let server = TestServer::start();
     let runner = server.ready_runner();
     let marker = format!("marker-{}", std::process::id());
-    let url = server.execute(&runner, &format!("echo started; exec -a {marker} sleep 60"), 60);
+    let url = server.execute(
+        &runner,
+        &format!("echo started; exec -a {marker} sleep 60"),
+        60,
+    );
     let mut ws = server.connect(&url);
     ws.wait_for_stdout("started");
     ws.socket.close(None).expect("close");
     // The server answers the close frame and the program is gone.
     while ws.next().is_some() {}
-    let check = server.run(&runner, &format!("pgrep -f [{}]{} >/dev/null && echo alive || echo gone", &marker[..1], &marker[1..]));
+    let check = server.run(
+        &runner,
+        &format!(
+            "pgrep -f [{}]{} >/dev/null && echo alive || echo gone",
+            &marker[..1],
+            &marker[1..]
+        ),
+    );
     assert_eq!(check.stdout, "gone\r\n");
     // The runner stays usable.
     assert_eq!(server.run(&runner, "true").exit_code(), Some(0));
@@ -197,7 +220,9 @@ fn the_websocket_handshake_checks_runner_and_execution() {
     let url = server.execute(&runner, "true", 5);
     let unknown_execution = url.split("executionID=").next().unwrap().to_owned()
         + "executionID=00000000-0000-4000-8000-000000000000";
-    let err = Ws::connect(&unknown_execution, None).err().expect("refused");
+    let err = Ws::connect(&unknown_execution, None)
+        .err()
+        .expect("refused");
     assert!(err.contains("404"), "{err}");
     let other_runner = url.replace(&runner, "1-00000000-0000-4000-8000-000000000000");
     let err = Ws::connect(&other_runner, None).err().expect("refused");
@@ -213,7 +238,10 @@ fn fifty_executions_on_fifty_runners_run_concurrently() {
     let urls: Vec<(usize, String)> = (0..50)
         .map(|i| {
             let runner = server.runner(1, 0);
-            (i, server.execute(&runner, &format!("sleep 0.5; echo run-{i}"), 20))
+            (
+                i,
+                server.execute(&runner, &format!("sleep 0.5; echo run-{i}"), 20),
+            )
         })
         .collect();
     let started = Instant::now();

@@ -16,7 +16,10 @@ fn deleting_the_runner_ends_its_executions_with_an_error() {
     ws.wait_for_stdout("started");
     assert_eq!(server.delete(&format!("/runners/{runner}")).status, 204);
     let transcript = ws.transcript_rest();
-    assert_eq!(transcript.end, json!({"type": "error", "data": "the allocation stopped as expected"}));
+    assert_eq!(
+        transcript.end,
+        json!({"type": "error", "data": "the allocation stopped as expected"})
+    );
     assert_eq!(server.delete(&format!("/runners/{runner}")).status, 410);
 }
 
@@ -64,15 +67,26 @@ fn shutting_down_ends_running_executions_with_an_error_and_leaves_no_process() {
     let server = TestServer::start();
     let runner = server.ready_runner();
     let marker = format!("shutdown-marker-{}", std::process::id());
-    let url = server.execute(&runner, &format!("echo started; exec -a {marker} sleep 60"), 60);
+    let url = server.execute(
+        &runner,
+        &format!("echo started; exec -a {marker} sleep 60"),
+        60,
+    );
     let mut ws = server.connect(&url);
     ws.wait_for_stdout("started");
     let stopping = std::thread::spawn(move || server.stop());
     let transcript = ws.transcript_rest();
     assert_eq!(transcript.end["type"], "error", "{transcript:?}");
     drop(stopping.join().expect("shutdown"));
-    let ps = std::process::Command::new("pgrep").args(["-f", &marker]).output().expect("pgrep");
-    assert!(ps.stdout.is_empty(), "left behind: {}", String::from_utf8_lossy(&ps.stdout));
+    let ps = std::process::Command::new("pgrep")
+        .args(["-f", &marker])
+        .output()
+        .expect("pgrep");
+    assert!(
+        ps.stdout.is_empty(),
+        "left behind: {}",
+        String::from_utf8_lossy(&ps.stdout)
+    );
 }
 
 #[test]

@@ -133,15 +133,37 @@ pub fn dispatch(app: &App, mut request: tiny_http::Request) {
     let started = Instant::now();
     let method = request.method().clone();
     let url = request.url().to_owned();
-    let reply = catch_unwind(AssertUnwindSafe(|| handle(app, &mut request))).unwrap_or_else(|_| {
-        log::error!("handler panicked on {method} {url}");
-        error_reply(&Error::Internal("internal error".into()))
-    });
-    let status = reply.status();
-    if let Err(err) = respond(request, reply) {
-        log::debug!("cannot answer {method} {url}: {err}");
+    let limit = app.server.max_body_bytes;
+    if request
+        .body_length()
+        .is_some_and(|length| length as u64 > limit)
+    {
+        // tiny_http drains the unread body when the request is dropped, for as long as the
+        // client keeps sending: let a thread of its own do that, not a worker.
+        let spawned = std::thread::Builder::new()
+            .name("drain".into())
+            .spawn(move || {
+                let _ = respond(request, error_reply(&Error::PayloadTooLarge(limit)));
+            });
+        if let Err(err) = spawned {
+            log::warn!("cannot start a thread to refuse a large body: {err}");
+        }
+        log::debug!("{method} {url} 413");
+        return;
     }
-    log::debug!("{method} {url} {status} {:?}", started.elapsed());
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let reply = handle(app, &mut request);
+        let status = reply.status();
+        if let Err(err) = respond(request, reply) {
+            log::debug!("cannot answer {method} {url}: {err}");
+        }
+        status
+    }));
+    match outcome {
+        Ok(status) => log::debug!("{method} {url} {status} {:?}", started.elapsed()),
+        // The request was consumed by the panicking code; tiny_http answers 500 when it drops.
+        Err(_) => log::error!("handler panicked on {method} {url}"),
+    }
 }
 
 fn handle(app: &App, request: &mut tiny_http::Request) -> Reply {

@@ -101,8 +101,10 @@ fn connection(app: &App, stream: TcpStream) {
         .max_message_size(Some(app.server.max_message_bytes))
         .max_frame_size(Some(app.server.max_message_bytes));
     let mut started = None;
+    // The callback's error type is fixed by tungstenite's `Callback` trait.
+    #[allow(clippy::result_large_err)]
     let callback = |request: &Request, response: Response| {
-        started = Some(authorize(app, request)?);
+        started = Some(authorize(app, request).map_err(|refusal| *refusal)?);
         Ok(response)
     };
     let conn = Conn {
@@ -125,7 +127,7 @@ fn connection(app: &App, stream: TcpStream) {
 }
 
 /// Checks a handshake request and takes its execution.
-fn authorize(app: &App, request: &Request) -> Result<StartedExecution, ErrorResponse> {
+fn authorize(app: &App, request: &Request) -> Result<StartedExecution, Box<ErrorResponse>> {
     let path = request.uri().path();
     let runner = path
         .strip_prefix("/api/v1/runners/")
@@ -157,7 +159,7 @@ fn authorize(app: &App, request: &Request) -> Result<StartedExecution, ErrorResp
 }
 
 /// A plain HTTP answer for a refused handshake, with Poseidon's status and body.
-fn reject(err: &Error) -> ErrorResponse {
+fn reject(err: &Error) -> Box<ErrorResponse> {
     let body = (!err.has_empty_body()).then(|| {
         serde_json::to_string(&ClientError {
             message: &err.to_string(),
@@ -172,5 +174,5 @@ fn reject(err: &Error) -> ErrorResponse {
             http::HeaderValue::from_static("application/json"),
         );
     }
-    response
+    Box::new(response)
 }

@@ -14,6 +14,10 @@ use tungstenite::{
     Message, WebSocket, client::IntoClientRequest, protocol::frame::coding::CloseCode,
 };
 
+/// The server's allocator, as the binary installs it.
+#[global_allocator]
+static ALLOCATOR: poseidon_lite::Allocator = poseidon_lite::Allocator;
+
 /// Timeout of every client call.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 

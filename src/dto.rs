@@ -12,17 +12,24 @@ use crate::{
     id::EnvironmentId,
 };
 
-/// Parses the first JSON value of a request body.
+/// Parses the first JSON value of a request body, which must be an object (as Go decodes
+/// bodies into structs; serde alone would also accept an array of the fields).
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
-    let mut values = serde_json::Deserializer::from_slice(body).into_iter::<T>();
-    match values.next() {
-        Some(Ok(value)) => Ok(value),
+    let mut values = serde_json::Deserializer::from_slice(body).into_iter::<serde_json::Value>();
+    let value = match values.next() {
+        Some(Ok(value)) => value,
         Some(Err(err)) if err.is_eof() && body.iter().all(u8::is_ascii_whitespace) => {
-            Err(Error::bad_request("request body is empty"))
+            return Err(Error::bad_request("request body is empty"));
         }
-        Some(Err(err)) => Err(Error::bad_request(format!("invalid request body: {err}"))),
-        None => Err(Error::bad_request("request body is empty")),
+        Some(Err(err)) => return Err(Error::bad_request(format!("invalid request body: {err}"))),
+        None => return Err(Error::bad_request("request body is empty")),
+    };
+    if !value.is_object() {
+        return Err(Error::bad_request(
+            "invalid request body: expected a JSON object",
+        ));
     }
+    T::deserialize(value).map_err(|err| Error::bad_request(format!("invalid request body: {err}")))
 }
 
 /// Deserializes `null` like a missing field: as the type's default.
@@ -259,6 +266,7 @@ mod tests {
             "request body is empty"
         );
         assert!(parse::<Environment>(br#"{"image": "#).is_err());
+        assert!(parse::<Environment>(br#"[0, 20, 256, "x", false, [], 3]"#).is_err());
     }
 
     #[test]

@@ -261,3 +261,13 @@ fn fifty_executions_on_fifty_runners_run_concurrently() {
     // Fifty half-second sleeps in sequence would take 25 s; this only shows they overlapped.
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+#[test]
+fn short_external_commands_exit_normally() {
+    let server = TestServer::start();
+    let runner = server.ready_runner();
+    for i in 0..40 {
+        let transcript = server.run(&runner, &format!("touch f{i}; ln -s f{i} l{i}"));
+        assert_eq!(transcript.exit_code(), Some(0), "run {i}: {transcript:?}");
+    }
+}

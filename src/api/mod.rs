@@ -133,28 +133,20 @@ pub fn dispatch(app: &App, mut request: tiny_http::Request) {
     let started = Instant::now();
     let method = request.method().clone();
     let url = request.url().to_owned();
-    let limit = app.server.max_body_bytes;
-    if request
-        .body_length()
-        .is_some_and(|length| length as u64 > limit)
-    {
-        // tiny_http drains the unread body when the request is dropped, for as long as the
-        // client keeps sending: let a thread of its own do that, not a worker.
-        let spawned = std::thread::Builder::new()
-            .name("drain".into())
-            .spawn(move || {
-                let _ = respond(request, error_reply(&Error::PayloadTooLarge(limit)));
-            });
-        if let Err(err) = spawned {
-            log::warn!("cannot start a thread to refuse a large body: {err}");
-        }
-        log::debug!("{method} {url} 413");
-        return;
-    }
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let reply = handle(app, &mut request);
+        let (reply, body_read) = handle(app, &mut request);
         let status = reply.status();
-        if let Err(err) = respond(request, reply) {
+        // tiny_http drains a body left unread when the request is dropped, for as long as the
+        // client keeps sending; bodies up to 1 KiB it has read already. Let a thread of its
+        // own do that, not a worker.
+        if !body_read && request.body_length().is_some_and(|length| length > 1024) {
+            let spawned = std::thread::Builder::new()
+                .name("drain".into())
+                .spawn(move || respond(request, reply));
+            if let Err(err) = spawned {
+                log::warn!("cannot start a thread to answer {method} {url}: {err}");
+            }
+        } else if let Err(err) = respond(request, reply) {
             log::debug!("cannot answer {method} {url}: {err}");
         }
         status
@@ -166,24 +158,34 @@ pub fn dispatch(app: &App, mut request: tiny_http::Request) {
     }
 }
 
-fn handle(app: &App, request: &mut tiny_http::Request) -> Reply {
+/// Routes, authenticates, reads the body and runs the handler; also tells whether the body
+/// was read.
+fn handle(app: &App, request: &mut tiny_http::Request) -> (Reply, bool) {
     let url = request.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let route = match Route::parse(request.method(), path) {
         Ok(route) => route,
-        Err(err) => return error_reply(&err),
+        Err(err) => return (error_reply(&err), false),
     };
     if route.needs_token() && !authorized(app, request) {
-        return error_reply(&Error::Unauthorized);
+        return (error_reply(&Error::Unauthorized), false);
+    }
+    let limit = app.server.max_body_bytes;
+    if request
+        .body_length()
+        .is_some_and(|length| length as u64 > limit)
+    {
+        return (error_reply(&Error::PayloadTooLarge(limit)), false);
     }
     let parsed = match read_request(app, request, query) {
         Ok(parsed) => parsed,
-        Err(err) => return error_reply(&err),
+        Err(err) => return (error_reply(&err), false),
     };
-    match route.handle(app, &parsed) {
+    let reply = match route.handle(app, &parsed) {
         Ok(reply) => reply,
         Err(err) => error_reply(&err),
-    }
+    };
+    (reply, true)
 }
 
 /// Compares the `Poseidon-Token` header in constant time.
@@ -209,12 +211,6 @@ pub fn token_matches(server: &ServerConfig, sent: Option<&[u8]>) -> bool {
 
 fn read_request(app: &App, request: &mut tiny_http::Request, query: &str) -> Result<Request> {
     let limit = app.server.max_body_bytes;
-    if request
-        .body_length()
-        .is_some_and(|length| length as u64 > limit)
-    {
-        return Err(Error::PayloadTooLarge(limit));
-    }
     let mut body = Vec::new();
     request
         .as_reader()
@@ -248,13 +244,10 @@ fn respond(request: tiny_http::Request, reply: Reply) -> io::Result<()> {
         Reply::Empty(status) => request.respond(Response::empty(StatusCode(status))),
         Reply::Json(status, body) => {
             let length = body.len();
-            request.respond(Response::new(
-                StatusCode(status),
-                vec![json()],
-                io::Cursor::new(body),
-                Some(length),
-                None,
-            ))
+            let body = io::Cursor::new(body);
+            let response =
+                Response::new(StatusCode(status), vec![json()], body, Some(length), None);
+            request.respond(response.with_chunked_threshold(usize::MAX))
         }
         Reply::Stream {
             headers,
@@ -266,7 +259,11 @@ fn respond(request: tiny_http::Request, reply: Reply) -> io::Result<()> {
                 .filter_map(|(name, value)| Header::from_bytes(name, value).ok())
                 .collect();
             let length = length.and_then(|length| usize::try_from(length).ok());
-            request.respond(Response::new(StatusCode(200), headers, body, length, None))
+            let response = Response::new(StatusCode(200), headers, body, length, None);
+            // A known length is always sent as Content-Length (tiny_http would switch to
+            // chunked encoding from 32 KiB on); an unknown one is sent chunked.
+            let threshold = if length.is_some() { usize::MAX } else { 0 };
+            request.respond(response.with_chunked_threshold(threshold))
         }
     }
 }

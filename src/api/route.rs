@@ -128,9 +128,10 @@ fn environment_id(segment: &str) -> Result<EnvironmentId> {
     if segment.is_empty() || !segment.bytes().all(|b| b.is_ascii_digit()) {
         return Err(Error::NotFound);
     }
+    // Ids are Go `int`s in Poseidon: larger ones are refused as there.
     segment
-        .parse()
-        .map(EnvironmentId)
+        .parse::<i64>()
+        .map(|id| EnvironmentId(id.unsigned_abs()))
         .map_err(|_| Error::bad_request(format!("invalid execution environment id {segment}")))
 }
 

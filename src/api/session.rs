@@ -105,10 +105,11 @@ pub fn run(
         finish(&mut writer, Some(WsMessage::Error(FAILED.into())), None);
         return;
     }
+    // A limit too large to represent as an instant is no limit.
     let deadline = started
         .pending
         .time_limit
-        .map(|limit| Instant::now() + limit);
+        .and_then(|limit| Instant::now().checked_add(limit));
     let max_output = (app.max_output_bytes > 0).then_some(app.max_output_bytes);
     let limits = Limits {
         deadline,

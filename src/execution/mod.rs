@@ -58,8 +58,10 @@ impl Running {
         let (stdin_reader, stdin) = io::pipe()?;
         let (tx, events) = crossbeam_channel::bounded(QUEUE);
         let cancel = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        rustix::fs::fcntl_setfl(&process.pty, OFlags::NONBLOCK)?;
         let pump = Pump {
-            pty: Some(process.pty),
+            pty: process.pty,
+            pty_open: true,
             stderr: Some(process.stderr),
             exit: process.exit,
             stdin: Some(stdin_reader),
@@ -68,7 +70,6 @@ impl Running {
             pending: Vec::new(),
             outcome: None,
         };
-        rustix::fs::fcntl_setfl(pump.pty.as_ref().expect("pty present"), OFlags::NONBLOCK)?;
         thread::Builder::new()
             .name("exec-io".into())
             .spawn(move || pump.run())?;
@@ -95,7 +96,12 @@ impl Drop for Running {
 }
 
 struct Pump {
-    pty: Option<OwnedFd>,
+    /// The terminal's master side. It stays open until the process has been reaped even when
+    /// the program closed its side: closing it hangs the terminal up, and programs that close
+    /// stdin and stdout before they exit (coreutils do) would die of SIGHUP.
+    pty: OwnedFd,
+    /// Whether terminal output may still come.
+    pty_open: bool,
     stderr: Option<OwnedFd>,
     exit: Box<dyn ExitWatch>,
     stdin: Option<PipeReader>,
@@ -124,7 +130,7 @@ impl Pump {
         let mut buffer = vec![0; CHUNK];
         loop {
             if let Some((outcome, since)) = self.outcome
-                && ((self.pty.is_none() && self.stderr.is_none()) || since.elapsed() >= DRAIN)
+                && ((!self.pty_open && self.stderr.is_none()) || since.elapsed() >= DRAIN)
             {
                 return self.send(Event::Exit(outcome));
             }
@@ -170,7 +176,7 @@ impl Pump {
         };
         let exit_fd = self.exit.fd();
         let entries: [(Option<BorrowedFd<'_>>, PollFlags); 5] = [
-            (self.pty.as_ref().map(AsFd::as_fd), pty_flags),
+            (self.pty_open.then(|| self.pty.as_fd()), pty_flags),
             (self.stderr.as_ref().map(AsFd::as_fd), input),
             (Some(exit_fd), exit_flags),
             (self.stdin.as_ref().map(AsFd::as_fd), stdin_flags),
@@ -213,29 +219,32 @@ impl Pump {
     /// Reads one chunk of output; end of stream (EOF, or EIO once the terminal's last slave
     /// descriptor is closed) closes that stream.
     fn read_output(&mut self, terminal: bool, buffer: &mut [u8]) -> io::Result<()> {
-        let slot = if terminal {
-            &mut self.pty
-        } else {
-            &mut self.stderr
+        let fd = match (terminal, &self.stderr) {
+            (true, _) if self.pty_open => self.pty.as_fd(),
+            (false, Some(stderr)) => stderr.as_fd(),
+            _ => return Ok(()),
         };
-        let Some(fd) = slot.as_ref() else {
-            return Ok(());
-        };
-        match rustix::io::read(fd, &mut *buffer) {
-            Ok(0) | Err(Errno::IO) => *slot = None,
+        let ended = match rustix::io::read(fd, &mut *buffer) {
+            Ok(0) | Err(Errno::IO) => true,
             Ok(n) => {
                 let chunk = buffer[..n].to_vec();
-                return self.send(if terminal {
+                let event = if terminal {
                     Event::Stdout(chunk)
                 } else {
                     Event::Stderr(chunk)
-                });
+                };
+                return self.send(event);
             }
-            Err(Errno::AGAIN) | Err(Errno::INTR) => {}
+            Err(Errno::AGAIN) | Err(Errno::INTR) => false,
             Err(errno) => {
                 log::debug!("reading execution output failed: {errno}");
-                *slot = None;
+                true
             }
+        };
+        match (ended, terminal) {
+            (true, true) => self.pty_open = false,
+            (true, false) => self.stderr = None,
+            (false, _) => {}
         }
         Ok(())
     }
@@ -252,14 +261,14 @@ impl Pump {
 
     /// Writes as much pending input as the terminal takes without blocking.
     fn write_stdin(&mut self) {
-        let Some(pty) = self.pty.as_ref() else {
+        if !self.pty_open {
             self.pending.clear();
             return;
-        };
+        }
         if self.pending.is_empty() {
             return;
         }
-        match rustix::io::write(pty, &self.pending) {
+        match rustix::io::write(&self.pty, &self.pending) {
             Ok(n) => {
                 self.pending.drain(..n);
             }

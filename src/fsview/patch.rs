@@ -47,7 +47,8 @@ pub(super) fn apply(root: &Root, update: &FileUpdate) -> Result<()> {
 /// Removes a path recursively; like `rm --force`, failures are ignored.
 fn delete(root: &Root, path: &str) {
     if path == "./*" {
-        if let Ok(workspace) = root.open_at(&root.workspace, OFlags::RDONLY | OFlags::DIRECTORY) {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY;
+        if let Ok(workspace) = root.open_at(&root.view_path(""), flags) {
             for name in entry_names(&workspace)
                 .into_iter()
                 .filter(|name| !name.starts_with(b"."))

@@ -190,7 +190,10 @@ impl Manager {
         for environment in environments {
             let id = EnvironmentId(environment.id);
             log::info!("restored environment {id} (image {:?})", environment.image);
-            state.environments.insert(id, EnvState::new(environment));
+            let version = state.next_version();
+            state
+                .environments
+                .insert(id, EnvState::new(environment, version));
         }
         let mut effects = Effects::default();
         for (record, runner) in adopted {
@@ -215,11 +218,17 @@ impl Manager {
             let mut effects = Effects::default();
             let created = match state.environments.get_mut(&id) {
                 None => {
-                    state.environments.insert(id, EnvState::new(environment));
+                    let version = state.next_version();
+                    state
+                        .environments
+                        .insert(id, EnvState::new(environment, version));
                     true
                 }
-                Some(env) => {
-                    effects.destroy = env.redefine(environment);
+                Some(_) => {
+                    let version = state.next_version();
+                    if let Some(env) = state.environments.get_mut(&id) {
+                        effects.destroy = env.redefine(environment, version);
+                    }
                     false
                 }
             };

@@ -25,6 +25,9 @@ pub(super) struct State {
     /// Set at shutdown: nothing new is created or pooled.
     pub closing: bool,
     tokens: u64,
+    /// Source of environment versions, unique for the server's life: a job for an
+    /// environment that was deleted and created again never matches the new one.
+    versions: u64,
 }
 
 impl State {
@@ -32,6 +35,12 @@ impl State {
     pub fn total(&self) -> usize {
         let idle: usize = self.environments.values().map(|env| env.idle.len()).sum();
         idle + self.runners.len() + self.creating
+    }
+
+    /// A fresh environment version.
+    pub fn next_version(&mut self) -> u64 {
+        self.versions += 1;
+        self.versions
     }
 
     /// A fresh token identifying an active execution.
@@ -108,10 +117,10 @@ pub(super) struct EnvState {
 }
 
 impl EnvState {
-    pub fn new(spec: Environment) -> EnvState {
+    pub fn new(spec: Environment, version: u64) -> EnvState {
         EnvState {
             spec,
-            version: 0,
+            version,
             idle: VecDeque::new(),
             creating: 0,
             used: 0,
@@ -130,7 +139,7 @@ impl EnvState {
 
     /// Applies a new definition; returns the idle runners that no longer fit it. A changed
     /// runner definition replaces the whole pool, a changed pool size only trims it.
-    pub fn redefine(&mut self, spec: Environment) -> Vec<Arc<dyn Runner>> {
+    pub fn redefine(&mut self, spec: Environment, version: u64) -> Vec<Arc<dyn Runner>> {
         let retired: Vec<Arc<dyn Runner>> = if same_runners(&self.spec, &spec) {
             let keep = spec.prewarming_pool_size as usize;
             let surplus = self.idle.len().saturating_sub(keep);
@@ -139,7 +148,7 @@ impl EnvState {
                 .map(|(_, runner)| runner)
                 .collect()
         } else {
-            self.version += 1;
+            self.version = version;
             self.creating = 0;
             self.failures = 0;
             self.idle.drain(..).map(|(_, runner)| runner).collect()
@@ -193,10 +202,14 @@ impl Claimed {
     }
 
     /// The timer command for the current generation, if the runner has a timeout.
+    /// A timeout too large to represent as an instant never expires.
     pub fn arm(&self, id: &RunnerId, now: Instant) -> Option<TimerCommand> {
-        (!self.timeout.is_zero()).then(|| TimerCommand::Arm {
+        let deadline = now
+            .checked_add(self.timeout)
+            .filter(|_| !self.timeout.is_zero())?;
+        Some(TimerCommand::Arm {
             id: id.clone(),
-            deadline: now + self.timeout,
+            deadline,
             generation: self.generation,
         })
     }

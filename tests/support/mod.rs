@@ -32,6 +32,14 @@ pub fn executor_kind() -> ExecutorKind {
     }
 }
 
+/// The executor's name as the `--executor` flag takes it.
+pub fn executor_name() -> &'static str {
+    match executor_kind() {
+        ExecutorKind::Sandbox => "sandbox",
+        ExecutorKind::Process => "process",
+    }
+}
+
 /// A running server and a client for it.
 pub struct TestServer {
     handle: Option<ServerHandle>,

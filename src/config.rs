@@ -124,8 +124,6 @@ pub struct RunnerConfig {
     pub capacity: usize,
     /// Threads that create runners for the prewarming pools.
     pub prewarm_threads: usize,
-    /// Grace period in milliseconds between asking an execution to stop and killing it.
-    pub kill_grace_ms: u64,
     /// Largest output of one execution in bytes before it is stopped (0 = unlimited).
     pub max_output_bytes: u64,
 }
@@ -136,7 +134,6 @@ impl Default for RunnerConfig {
             executor: ExecutorKind::Process,
             capacity: 1000,
             prewarm_threads: 2,
-            kill_grace_ms: 100,
             max_output_bytes: 0,
         }
     }

@@ -142,6 +142,12 @@ impl From<io::Error> for Error {
     }
 }
 
+impl From<rustix::io::Errno> for Error {
+    fn from(errno: rustix::io::Errno) -> Self {
+        Error::Io(errno.into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,14 +7,23 @@
 //! `sandbox` (Linux namespaces and cgroups).
 #![deny(unsafe_code)]
 
+pub mod api;
+pub mod cli;
 pub mod config;
+pub mod dto;
 pub mod error;
+pub mod execution;
 pub mod executor;
 pub mod fsview;
 pub mod id;
+pub mod manager;
 pub mod sandbox;
+pub mod server;
+pub mod store;
 #[allow(unsafe_code)]
-pub(crate) mod sys;
+mod sys;
 
 pub use config::Config;
 pub use error::{Error, Result};
+pub use server::{Server, ServerHandle};
+pub use sys::Allocator;

@@ -5,6 +5,7 @@
 //! [`crate::sandbox`] (a Linux sandbox per runner). The manager only sees these traits.
 
 pub mod process;
+pub mod pty;
 
 use std::{
     fmt,
@@ -131,6 +132,11 @@ pub trait Runner: Send + Sync + fmt::Debug {
     fn update_files(&self, update: &FileUpdate) -> Result<()>;
     /// Ends every process of the runner and removes all its resources. Idempotent.
     fn destroy(&self);
+    /// Ends every process of the runner at server shutdown but keeps what
+    /// [`Executor::adopt`] can take back after the restart; by default, destroys it.
+    fn suspend(&self) {
+        self.destroy();
+    }
 }
 
 /// Builds runners.

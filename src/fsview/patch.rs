@@ -47,7 +47,8 @@ pub(super) fn apply(root: &Root, update: &FileUpdate) -> Result<()> {
 /// Removes a path recursively; like `rm --force`, failures are ignored.
 fn delete(root: &Root, path: &str) {
     if path == "./*" {
-        if let Ok(workspace) = root.open_at(&root.workspace, OFlags::RDONLY | OFlags::DIRECTORY) {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY;
+        if let Ok(workspace) = root.open_at(&root.view_path(""), flags) {
             for name in entry_names(&workspace)
                 .into_iter()
                 .filter(|name| !name.starts_with(b"."))
@@ -106,6 +107,9 @@ fn copy(root: &Root, entry: &FileEntry) -> io::Result<()> {
     let view = clean(&root.view_path(&entry.path));
     if entry.path.ends_with('/') {
         let dir = make_dirs(root, &view)?;
+        // The walk yields O_PATH descriptors, which cannot be chmod-ed; reopen the directory.
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let dir = rustix::fs::openat(&dir, ".", flags, Mode::empty())?;
         return rustix::fs::fchmod(&dir, Mode::from_raw_mode(DIRECTORY_MODE)).map_err(Into::into);
     }
     let (parent, name) =

@@ -1,0 +1,27 @@
+# poseidon-lite: thin wrappers around cargo. `make help` lists the targets.
+.PHONY: help build run test lint doc examples ci bench
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+
+build: ## build the release binary (target/release/poseidon-lite)
+	cargo build --release --locked
+
+run: build ## run the server with its default configuration (add ARGS="--help" for settings)
+	./target/release/poseidon-lite $(ARGS)
+
+test: ## run every test (unit, integration, doc)
+	cargo nextest run --locked --all-targets --no-fail-fast
+	cargo test --locked --doc
+
+lint: ## formatting and clippy, warnings are errors
+	cargo fmt --all -- --check
+	cargo clippy --locked --all-targets -- -D warnings
+
+doc: ## API documentation, warnings are errors
+	RUSTDOCFLAGS=-Dwarnings cargo doc --locked --no-deps --document-private-items
+
+examples: ## build the examples
+	cargo build --locked --examples
+
+ci: lint test doc examples ## everything CI checks

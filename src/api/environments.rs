@@ -1,0 +1,91 @@
+//! Handlers of the environment, health, version and statistics routes.
+
+use std::collections::BTreeMap;
+
+use super::{App, Reply, Request};
+use crate::{
+    dto::{self, Environment, EnvironmentList, InternalServerError},
+    error::{Error, Result},
+    id::EnvironmentId,
+};
+
+/// `GET /health`: 204, or 503 when a pool is below the configured threshold.
+pub fn health(app: &App) -> Result<Reply> {
+    let depleted = app.manager.depleted(app.server.prewarming_pool_threshold);
+    if depleted.is_empty() {
+        return Ok(Reply::Empty(204));
+    }
+    let ids: Vec<String> = depleted.iter().map(ToString::to_string).collect();
+    let message = format!(
+        "the prewarming pool is depleting: environments {}",
+        ids.join(", ")
+    );
+    Ok(Reply::json(
+        503,
+        &InternalServerError {
+            message: &message,
+            error_code: "PREWARMING_POOL_DEPLETING",
+        },
+    ))
+}
+
+/// `GET /version`: the release as a JSON string.
+pub fn version(app: &App) -> Result<Reply> {
+    let release = app
+        .server
+        .release
+        .clone()
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned());
+    Ok(Reply::json(200, &release))
+}
+
+/// `GET /statistics/execution-environments`: pool figures keyed by environment id.
+pub fn statistics(app: &App) -> Result<Reply> {
+    let figures: BTreeMap<String, dto::EnvironmentStatistics> = app
+        .manager
+        .statistics()
+        .into_iter()
+        .map(|figures| (figures.id.to_string(), figures))
+        .collect();
+    Ok(Reply::json(200, &figures))
+}
+
+/// Validates the `fetch` parameter; there is nothing to fetch from on one host.
+fn check_fetch(request: &Request) -> Result<()> {
+    match request.query.get("fetch") {
+        Some(value) if request.flag("fetch").is_none() => Err(Error::bad_request(format!(
+            "could not parse fetch parameter: invalid syntax {value:?}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `GET /execution-environments`.
+pub fn list(app: &App, request: &Request) -> Result<Reply> {
+    check_fetch(request)?;
+    Ok(Reply::json(
+        200,
+        &EnvironmentList {
+            environments: app.manager.environments(),
+        },
+    ))
+}
+
+/// `GET /execution-environments/{id}`.
+pub fn get(app: &App, id: EnvironmentId, request: &Request) -> Result<Reply> {
+    check_fetch(request)?;
+    Ok(Reply::json(200, &app.manager.environment(id)?))
+}
+
+/// `PUT /execution-environments/{id}`: 201 when new, 204 when replaced.
+pub fn put(app: &App, id: EnvironmentId, request: &Request) -> Result<Reply> {
+    let environment: Environment = dto::parse(&request.body)?;
+    let created = app.manager.put_environment(id, environment)?;
+    Ok(Reply::Empty(if created { 201 } else { 204 }))
+}
+
+/// `DELETE /execution-environments/{id}`.
+pub fn delete(app: &App, id: EnvironmentId) -> Result<Reply> {
+    app.manager.delete_environment(id)?;
+    Ok(Reply::Empty(204))
+}

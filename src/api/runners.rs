@@ -1,0 +1,275 @@
+//! Handlers of the runner routes: provide, delete, files, download, execute.
+
+use std::time::Duration;
+
+use base64::Engine;
+
+use super::{App, Reply, Request};
+use crate::{
+    dto::{self, ExecutionRequest, ExecutionResponse, RunnerRequest, RunnerResponse},
+    error::{Error, Result},
+    executor::{Command, FileEntry, FileUpdate},
+    id::{EnvironmentId, ExecutionId, RunnerId},
+    manager::PendingExecution,
+};
+
+/// A runner id from a URL; ids that cannot be ours are unknown runners (410).
+fn runner_id(text: &str) -> Result<RunnerId> {
+    RunnerId::parse(text).ok_or_else(|| Error::UnknownRunner(text.to_owned()))
+}
+
+/// `POST /runners`.
+pub fn provide(app: &App, request: &Request) -> Result<Reply> {
+    let body: RunnerRequest = dto::parse(&request.body)?;
+    let timeout = u64::try_from(body.inactivity_timeout)
+        .map_err(|_| Error::bad_request("inactivityTimeout must not be negative"))?;
+    let id = app.manager.claim(
+        EnvironmentId(body.environment_id),
+        Duration::from_secs(timeout),
+    )?;
+    Ok(Reply::json(
+        200,
+        &RunnerResponse {
+            runner_id: id.to_string(),
+            mapped_ports: Vec::new(),
+        },
+    ))
+}
+
+/// `DELETE /runners/{id}`.
+pub fn delete(app: &App, id: &str) -> Result<Reply> {
+    app.manager.delete_runner(&runner_id(id)?)?;
+    Ok(Reply::Empty(204))
+}
+
+/// `GET /runners/{id}/files`: streamed listing; `recursive` defaults to true.
+pub fn list_files(app: &App, id: &str, request: &Request) -> Result<Reply> {
+    let runner = app.manager.touch(&runner_id(id)?)?;
+    let path = request.query.get("path").map_or("./", String::as_str);
+    let recursive = request.flag("recursive").unwrap_or(true);
+    let privileged = request.flag("privilegedExecution").unwrap_or(false);
+    let body = runner.list_files(path, recursive, privileged)?;
+    Ok(Reply::Stream {
+        headers: vec![("Content-Type", "application/json".to_owned())],
+        length: None,
+        body,
+    })
+}
+
+/// `PATCH /runners/{id}/files`: validated completely before anything is changed.
+pub fn update_files(app: &App, id: &str, request: &Request) -> Result<Reply> {
+    let runner = app.manager.touch(&runner_id(id)?)?;
+    let body: dto::UpdateFileSystemRequest = dto::parse(&request.body)?;
+    let mut update = FileUpdate {
+        delete: body.delete,
+        copy: Vec::with_capacity(body.copy.len()),
+    };
+    for path in &update.delete {
+        check_path(path)?;
+    }
+    for file in body.copy {
+        check_path(&file.path)?;
+        if file.path.is_empty() {
+            return Err(Error::bad_request("a copied file needs a path"));
+        }
+        let content = decode_base64(&file.content).map_err(|err| {
+            Error::bad_request(format!("invalid base64 content of {:?}: {err}", file.path))
+        })?;
+        update.copy.push(FileEntry {
+            path: file.path,
+            content,
+        });
+    }
+    runner.update_files(&update)?;
+    Ok(Reply::Empty(204))
+}
+
+/// Standard padded base64; line breaks inside are ignored, as Go's decoder does.
+fn decode_base64(text: &str) -> std::result::Result<Vec<u8>, base64::DecodeError> {
+    if text.contains(['\r', '\n']) {
+        let joined: String = text.chars().filter(|c| *c != '\r' && *c != '\n').collect();
+        return base64::engine::general_purpose::STANDARD.decode(joined);
+    }
+    base64::engine::general_purpose::STANDARD.decode(text)
+}
+
+fn check_path(path: &str) -> Result<()> {
+    if path.contains('\0') {
+        return Err(Error::bad_request("paths must not contain NUL characters"));
+    }
+    Ok(())
+}
+
+/// `GET /runners/{id}/files/raw`: the file's bytes with their exact length.
+pub fn download_file(app: &App, id: &str, request: &Request) -> Result<Reply> {
+    let runner = app.manager.touch(&runner_id(id)?)?;
+    let path = request.query.get("path").map_or("", String::as_str);
+    check_path(path).map_err(|_| Error::FileNotFound(path.to_owned()))?;
+    let privileged = request.flag("privilegedExecution").unwrap_or(false);
+    let content = runner.read_file(path, privileged)?;
+    Ok(Reply::Stream {
+        headers: vec![
+            ("Content-Type", "application/octet-stream".to_owned()),
+            (
+                "Content-Disposition",
+                format!("attachment; filename=\"{}\"", quote(path)),
+            ),
+        ],
+        length: Some(content.length),
+        body: content.reader,
+    })
+}
+
+/// A file name fit for a quoted header parameter.
+fn quote(path: &str) -> String {
+    path.chars()
+        .filter(|c| !c.is_control())
+        .flat_map(|c| match c {
+            '"' | '\\' => vec!['\\', c],
+            c => vec![c],
+        })
+        .collect()
+}
+
+/// `POST /runners/{id}/execute`: stores the execution and answers where to run it.
+pub fn execute(app: &App, id: &str, request: &Request) -> Result<Reply> {
+    let id = runner_id(id)?;
+    app.manager.check_runner(&id)?;
+    let body: ExecutionRequest = dto::parse(&request.body)?;
+    let pending = pending_execution(body)?;
+    let execution = app.manager.store_execution(&id, pending)?;
+    let websocket_url = websocket_url(app, request.host.as_deref(), &id, execution);
+    Ok(Reply::json(200, &ExecutionResponse { websocket_url }))
+}
+
+fn pending_execution(body: ExecutionRequest) -> Result<PendingExecution> {
+    if body.command.contains('\'') {
+        // Poseidon's only semantic check, kept because clients are written against it.
+        return Err(Error::bad_request("use of forbidden character"));
+    }
+    if body.command.contains('\0') {
+        return Err(Error::bad_request(
+            "the command must not contain NUL characters",
+        ));
+    }
+    let seconds = u64::try_from(body.time_limit)
+        .map_err(|_| Error::bad_request("timeLimit must not be negative"))?;
+    for (name, value) in &body.environment {
+        let mut chars = name.chars();
+        let valid = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(Error::bad_request(format!(
+                "invalid environment variable name {name:?}"
+            )));
+        }
+        if value.contains('\0') {
+            return Err(Error::bad_request(format!(
+                "the value of {name} contains a NUL character"
+            )));
+        }
+    }
+    Ok(PendingExecution {
+        command: Command {
+            command: body.command,
+            environment: body.environment.into_iter().collect(),
+            privileged: body.privileged_execution,
+        },
+        time_limit: (seconds > 0).then(|| Duration::from_secs(seconds)),
+    })
+}
+
+/// The absolute WebSocket URL of an execution: the configured base, or the request's host
+/// with the WebSocket listener's port.
+fn websocket_url(app: &App, host: Option<&str>, id: &RunnerId, execution: ExecutionId) -> String {
+    let path = format!("/api/v1/runners/{id}/websocket?executionID={execution}");
+    if let Some(base) = &app.server.websocket_url {
+        return format!("{}{path}", base.trim_end_matches('/'));
+    }
+    let host = host
+        .map(host_name)
+        .filter(|host| {
+            !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-_[]:".contains(&b))
+        })
+        .map_or_else(|| app.server.address.to_string(), str::to_owned);
+    format!("ws://{host}:{}{path}", app.websocket_port)
+}
+
+/// The host part of a `Host` header (`name`, `name:port`, `[v6]:port`).
+fn host_name(host: &str) -> &str {
+    match host.find(']') {
+        Some(end) if host.starts_with('[') => &host[..=end],
+        _ => host.split(':').next().unwrap_or(host),
+    }
+}
+
+/// `GET /runners/{id}/websocket` on the HTTP listener: executions connect to the WebSocket
+/// listener, whose URL `execute` returns.
+pub fn websocket_on_http(app: &App, id: &str) -> Result<Reply> {
+    app.manager.check_runner(&runner_id(id)?)?;
+    Err(Error::bad_request(format!(
+        "connect to the websocketUrl returned by execute (port {})",
+        app.websocket_port
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_lose_their_port() {
+        assert_eq!(host_name("example.org:7200"), "example.org");
+        assert_eq!(host_name("[::1]:7200"), "[::1]");
+        assert_eq!(host_name("runner-host"), "runner-host");
+    }
+
+    #[test]
+    fn content_disposition_names_cannot_break_the_header() {
+        assert_eq!(quote("a\"b\\c\r\nd"), "a\\\"b\\\\cd");
+    }
+
+    #[test]
+    fn base64_is_strict_but_ignores_line_breaks() {
+        assert_eq!(decode_base64("aGk=").unwrap(), b"hi");
+        assert_eq!(decode_base64("aG\r\nk=").unwrap(), b"hi");
+        assert!(decode_base64("aGk").is_err());
+        assert!(decode_base64("a*k=").is_err());
+    }
+
+    #[test]
+    fn executions_are_validated() {
+        let request = |command: &str, time_limit, env: &[(&str, &str)]| ExecutionRequest {
+            command: command.into(),
+            time_limit,
+            environment: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        let message = |r| pending_execution(r).unwrap_err().to_string();
+        assert_eq!(
+            message(request("echo 'x'", 0, &[])),
+            "use of forbidden character"
+        );
+        assert_eq!(
+            message(request("true", -1, &[])),
+            "timeLimit must not be negative"
+        );
+        assert!(
+            message(request("true", 0, &[("1A", "x")])).contains("invalid environment variable")
+        );
+        let ok = pending_execution(request("true", 5, &[("A_1", "x y")])).unwrap();
+        assert_eq!(ok.time_limit, Some(Duration::from_secs(5)));
+        assert_eq!(
+            ok.command.environment,
+            vec![("A_1".to_string(), "x y".to_string())]
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! Command-line flags. Every setting of the configuration file can also be given as a flag or
+//! as a `POSEIDON_<SECTION>_<KEY>` environment variable; flags win over variables, variables
+//! over the file, the file over the defaults.
+
+use std::{net::IpAddr, path::PathBuf};
+
+use clap::Parser;
+
+use crate::config::{Config, ExecutorKind};
+
+/// poseidon-lite: a single-host runner management server speaking Poseidon's API for CodeOcean.
+///
+/// With no configuration at all it listens on 127.0.0.1:7200 (HTTP) and 7201 (WebSocket) and
+/// keeps its state under ~/.local/state/poseidon-lite.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+pub struct Cli {
+    /// TOML configuration file (sections [server], [runner], [sandbox], [state], [logger]).
+    #[arg(long, env = "POSEIDON_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// server.address: address both listeners bind to [default: 127.0.0.1].
+    #[arg(long, env = "POSEIDON_SERVER_ADDRESS")]
+    pub address: Option<IpAddr>,
+    /// server.port: HTTP port, 0 = any free port [default: 7200].
+    #[arg(long, env = "POSEIDON_SERVER_PORT")]
+    pub port: Option<u16>,
+    /// server.websocket_port: WebSocket port, 0 = any free port [default: HTTP port + 1].
+    #[arg(long, env = "POSEIDON_SERVER_WEBSOCKET_PORT")]
+    pub websocket_port: Option<u16>,
+    /// server.token: secret expected in the Poseidon-Token header; unset = no authentication.
+    #[arg(long, env = "POSEIDON_SERVER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// server.websocket_url: public base of WebSocket URLs (e.g. wss://runners.example.org)
+    /// when behind a proxy [default: ws://<request Host>:<WebSocket port>].
+    #[arg(long, env = "POSEIDON_SERVER_WEBSOCKET_URL")]
+    pub websocket_url: Option<String>,
+    /// server.workers: HTTP worker threads [default: 8].
+    #[arg(long, env = "POSEIDON_SERVER_WORKERS")]
+    pub workers: Option<usize>,
+    /// server.max_body_bytes: largest request body; larger ones get 413 [default: 64 MiB].
+    #[arg(long, env = "POSEIDON_SERVER_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<u64>,
+    /// server.max_message_bytes: largest WebSocket message (stdin) [default: 1 MiB].
+    #[arg(long, env = "POSEIDON_SERVER_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// server.prewarming_pool_threshold: /health answers 503 when an environment's idle runners
+    /// fall below this fraction of its pool size; 0 = never [default: 0].
+    #[arg(long, env = "POSEIDON_SERVER_PREWARMING_POOL_THRESHOLD")]
+    pub prewarming_pool_threshold: Option<f64>,
+    /// server.websocket_timeout_secs: time a WebSocket client gets for its handshake and for
+    /// accepting output before it is dropped [default: 30].
+    #[arg(long, env = "POSEIDON_SERVER_WEBSOCKET_TIMEOUT_SECS")]
+    pub websocket_timeout_secs: Option<u64>,
+    /// server.release: version string served by /version [default: the crate version].
+    #[arg(long, env = "POSEIDON_SERVER_RELEASE")]
+    pub release: Option<String>,
+
+    /// runner.executor: `sandbox` (isolated Linux sandboxes, needs root) or `process` (plain
+    /// directories, NO isolation) [default: process].
+    #[arg(long, env = "POSEIDON_RUNNER_EXECUTOR")]
+    pub executor: Option<ExecutorKind>,
+    /// runner.capacity: most runners (idle, claimed and being created) at once [default: 1000].
+    #[arg(long, env = "POSEIDON_RUNNER_CAPACITY")]
+    pub capacity: Option<usize>,
+    /// runner.prewarm_threads: threads creating runners for the pools [default: 2].
+    #[arg(long, env = "POSEIDON_RUNNER_PREWARM_THREADS")]
+    pub prewarm_threads: Option<usize>,
+    /// runner.max_output_bytes: output of one execution after which it is stopped with an
+    /// error; 0 = unlimited [default: 0].
+    #[arg(long, env = "POSEIDON_RUNNER_MAX_OUTPUT_BYTES")]
+    pub max_output_bytes: Option<u64>,
+
+    /// sandbox.images_dir: directory with one root file system directory per image.
+    #[arg(long, env = "POSEIDON_SANDBOX_IMAGES_DIR")]
+    pub images_dir: Option<PathBuf>,
+    /// sandbox.images: alias an image name to an image directory or `host`, as NAME=TARGET
+    /// (repeatable).
+    #[arg(long = "image", value_name = "NAME=TARGET", value_parser = parse_alias)]
+    pub images: Vec<(String, String)>,
+    /// sandbox.agent: poseidon-lite binary run inside each sandbox [default: this executable].
+    #[arg(long, env = "POSEIDON_SANDBOX_AGENT")]
+    pub agent: Option<PathBuf>,
+    /// sandbox.pids_limit: most processes per runner [default: 512].
+    #[arg(long, env = "POSEIDON_SANDBOX_PIDS_LIMIT")]
+    pub pids_limit: Option<u32>,
+    /// sandbox.disk_limit_mb: size of a runner's writable layer in MiB [default: 256].
+    #[arg(long, env = "POSEIDON_SANDBOX_DISK_LIMIT_MB")]
+    pub disk_limit_mb: Option<u64>,
+    /// sandbox.default_memory_limit_mb: memory limit for environments without one; 0 = none
+    /// [default: 0].
+    #[arg(long, env = "POSEIDON_SANDBOX_DEFAULT_MEMORY_LIMIT_MB")]
+    pub default_memory_limit_mb: Option<u64>,
+    /// sandbox.cpu_hard_limit: enforce cpuLimit as a hard quota besides the weight [default: false].
+    #[arg(long, env = "POSEIDON_SANDBOX_CPU_HARD_LIMIT")]
+    pub cpu_hard_limit: Option<bool>,
+    /// sandbox.cpu_mhz: MHz of one core, to turn cpuLimit into a share of a core [default: 2000].
+    #[arg(long, env = "POSEIDON_SANDBOX_CPU_MHZ")]
+    pub cpu_mhz: Option<u32>,
+    /// sandbox.uid_base: first host uid mapped into runners, 65536 per runner [default: 1048576].
+    #[arg(long, env = "POSEIDON_SANDBOX_UID_BASE")]
+    pub uid_base: Option<u32>,
+    /// sandbox.cgroup_name: cgroup created under each controller for the runners
+    /// [default: poseidon-lite].
+    #[arg(long, env = "POSEIDON_SANDBOX_CGROUP_NAME")]
+    pub cgroup_name: Option<String>,
+
+    /// state.dir: directory for environments, claimed runners and workspaces
+    /// [default: $XDG_STATE_HOME/poseidon-lite or ~/.local/state/poseidon-lite].
+    #[arg(long, env = "POSEIDON_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// logger.level: error, warn, info, debug (one line per request) or trace [default: info].
+    #[arg(long, env = "POSEIDON_LOGGER_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+fn parse_alias(text: &str) -> Result<(String, String), String> {
+    let (name, target) = text.split_once('=').ok_or("expected NAME=TARGET")?;
+    Ok((name.to_owned(), target.to_owned()))
+}
+
+impl Cli {
+    /// The configuration: defaults, then the file, then variables and flags.
+    pub fn into_config(self) -> Result<Config, String> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        let server = &mut config.server;
+        set(&mut server.address, self.address);
+        set(&mut server.port, self.port);
+        if self.websocket_port.is_some() {
+            server.websocket_port = self.websocket_port;
+        }
+        set_some(
+            &mut server.token,
+            self.token.filter(|token| !token.is_empty()),
+        );
+        set_some(&mut server.websocket_url, self.websocket_url);
+        set(&mut server.workers, self.workers);
+        set(&mut server.max_body_bytes, self.max_body_bytes);
+        set(&mut server.max_message_bytes, self.max_message_bytes);
+        set(
+            &mut server.prewarming_pool_threshold,
+            self.prewarming_pool_threshold,
+        );
+        set(
+            &mut server.websocket_timeout_secs,
+            self.websocket_timeout_secs,
+        );
+        set_some(&mut server.release, self.release);
+        let runner = &mut config.runner;
+        set(&mut runner.executor, self.executor);
+        set(&mut runner.capacity, self.capacity);
+        set(&mut runner.prewarm_threads, self.prewarm_threads);
+        set(&mut runner.max_output_bytes, self.max_output_bytes);
+        let sandbox = &mut config.sandbox;
+        set_some(&mut sandbox.images_dir, self.images_dir);
+        sandbox.images.extend(self.images);
+        set_some(&mut sandbox.agent, self.agent);
+        set(&mut sandbox.pids_limit, self.pids_limit);
+        set(&mut sandbox.disk_limit_mb, self.disk_limit_mb);
+        set(
+            &mut sandbox.default_memory_limit_mb,
+            self.default_memory_limit_mb,
+        );
+        set(&mut sandbox.cpu_hard_limit, self.cpu_hard_limit);
+        set(&mut sandbox.cpu_mhz, self.cpu_mhz);
+        set(&mut sandbox.uid_base, self.uid_base);
+        set(&mut sandbox.cgroup_name, self.cgroup_name);
+        set(&mut config.state.dir, self.state_dir);
+        set(&mut config.logger.level, self.log_level);
+        Ok(config)
+    }
+}
+
+fn set<T>(target: &mut T, value: Option<T>) {
+    if let Some(value) = value {
+        *target = value;
+    }
+}
+
+fn set_some<T>(target: &mut Option<T>, value: Option<T>) {
+    if value.is_some() {
+        *target = value;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_defaults() {
+        let cli = Cli::try_parse_from([
+            "poseidon-lite",
+            "--port",
+            "0",
+            "--executor",
+            "process",
+            "--image",
+            "openhpi/co_execenv_python:3.8=host",
+        ])
+        .unwrap();
+        let config = cli.into_config().unwrap();
+        assert_eq!(config.server.port, 0);
+        assert_eq!(
+            config.sandbox.images["openhpi/co_execenv_python:3.8"],
+            "host"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Cli::try_parse_from(["poseidon-lite", "--executor", "docker"]).is_err());
+        assert!(Cli::try_parse_from(["poseidon-lite", "--image", "nothing"]).is_err());
+    }
+}

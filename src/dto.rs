@@ -1,0 +1,284 @@
+//! Wire types of Poseidon's API: request and response bodies and WebSocket messages.
+//!
+//! Parsing is as lenient as Poseidon's (unknown fields ignored, `null` means "not given", only
+//! the first JSON value of a body is read) but wrong types and invalid values are errors.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
+
+use crate::{
+    error::{Error, Result},
+    id::EnvironmentId,
+};
+
+/// Parses the first JSON value of a request body, which must be an object (as Go decodes
+/// bodies into structs; serde alone would also accept an array of the fields).
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    let mut values = serde_json::Deserializer::from_slice(body).into_iter::<serde_json::Value>();
+    let value = match values.next() {
+        Some(Ok(value)) => value,
+        Some(Err(err)) if err.is_eof() && body.iter().all(u8::is_ascii_whitespace) => {
+            return Err(Error::bad_request("request body is empty"));
+        }
+        Some(Err(err)) => return Err(Error::bad_request(format!("invalid request body: {err}"))),
+        None => return Err(Error::bad_request("request body is empty")),
+    };
+    if !value.is_object() {
+        return Err(Error::bad_request(
+            "invalid request body: expected a JSON object",
+        ));
+    }
+    T::deserialize(value).map_err(|err| Error::bad_request(format!("invalid request body: {err}")))
+}
+
+/// Deserializes `null` like a missing field: as the type's default.
+fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(
+    deserializer: D,
+) -> std::result::Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// `POST /runners`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RunnerRequest {
+    /// The environment to take a runner from.
+    #[serde(rename = "executionEnvironmentId", deserialize_with = "nullable")]
+    pub environment_id: u64,
+    /// Seconds of inactivity after which the runner is destroyed; 0 = never.
+    #[serde(rename = "inactivityTimeout", deserialize_with = "nullable")]
+    pub inactivity_timeout: i64,
+}
+
+/// Answer to `POST /runners`.
+#[derive(Debug, Serialize)]
+pub struct RunnerResponse {
+    /// The claimed runner.
+    #[serde(rename = "runnerId")]
+    pub runner_id: String,
+    /// Always empty: runners expose no ports yet.
+    #[serde(rename = "mappedPorts")]
+    pub mapped_ports: Vec<serde_json::Value>,
+}
+
+/// `POST /runners/{id}/execute`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct ExecutionRequest {
+    /// The command line.
+    #[serde(deserialize_with = "nullable")]
+    pub command: String,
+    /// Run as root inside the runner.
+    #[serde(rename = "privilegedExecution", deserialize_with = "nullable")]
+    pub privileged_execution: bool,
+    /// Seconds after which the execution is stopped; 0 = unlimited.
+    #[serde(rename = "timeLimit", deserialize_with = "nullable")]
+    pub time_limit: i64,
+    /// Extra environment variables.
+    #[serde(deserialize_with = "nullable")]
+    pub environment: BTreeMap<String, String>,
+}
+
+/// Answer to `POST /runners/{id}/execute`.
+#[derive(Debug, Serialize)]
+pub struct ExecutionResponse {
+    /// Where to connect to run the stored execution.
+    #[serde(rename = "websocketUrl")]
+    pub websocket_url: String,
+}
+
+/// One entry of `PATCH /runners/{id}/files`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct FileCopy {
+    /// Target path; a trailing `/` makes it a directory.
+    #[serde(deserialize_with = "nullable")]
+    pub path: String,
+    /// Standard padded base64; absent or `null` is an empty file.
+    #[serde(deserialize_with = "nullable")]
+    pub content: String,
+}
+
+/// `PATCH /runners/{id}/files`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct UpdateFileSystemRequest {
+    /// Paths to delete first.
+    #[serde(deserialize_with = "nullable")]
+    pub delete: Vec<String>,
+    /// Files to copy after deleting.
+    #[serde(deserialize_with = "nullable")]
+    pub copy: Vec<FileCopy>,
+}
+
+/// An execution environment as Poseidon stores and returns it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Environment {
+    /// Idle runners to keep ready.
+    #[serde(rename = "prewarmingPoolSize", deserialize_with = "nullable")]
+    pub prewarming_pool_size: u32,
+    /// CPU limit in MHz.
+    #[serde(rename = "cpuLimit", deserialize_with = "nullable")]
+    pub cpu_limit: u32,
+    /// Memory limit in MB.
+    #[serde(rename = "memoryLimit", deserialize_with = "nullable")]
+    pub memory_limit: u32,
+    /// Image name.
+    #[serde(deserialize_with = "nullable")]
+    pub image: String,
+    /// Whether runners may use the network.
+    #[serde(rename = "networkAccess", deserialize_with = "nullable")]
+    pub network_access: bool,
+    /// Ports to expose (stored, not mapped yet).
+    #[serde(rename = "exposedPorts", deserialize_with = "nullable")]
+    pub exposed_ports: Vec<u16>,
+    /// The id; in a PUT body it is ignored in favour of the path's.
+    #[serde(deserialize_with = "nullable")]
+    pub id: u64,
+}
+
+impl Environment {
+    /// The same definition under the path's id.
+    pub fn with_id(mut self, id: EnvironmentId) -> Self {
+        self.id = id.0;
+        self
+    }
+}
+
+/// `GET /execution-environments`.
+#[derive(Debug, Serialize)]
+pub struct EnvironmentList {
+    /// All environments (an empty array, never `null`).
+    #[serde(rename = "executionEnvironments")]
+    pub environments: Vec<Environment>,
+}
+
+/// One value of `GET /statistics/execution-environments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EnvironmentStatistics {
+    /// The environment id.
+    pub id: u64,
+    /// Its pool size.
+    #[serde(rename = "prewarmingPoolSize")]
+    pub prewarming_pool_size: u32,
+    /// Idle runners now.
+    #[serde(rename = "idleRunners")]
+    pub idle_runners: usize,
+    /// Claimed runners now.
+    #[serde(rename = "usedRunners")]
+    pub used_runners: usize,
+}
+
+/// Error body of 4xx answers.
+#[derive(Debug, Serialize)]
+pub struct ClientError<'a> {
+    /// What went wrong.
+    pub message: &'a str,
+}
+
+/// Error body of 5xx answers and of the 503 health answer.
+#[derive(Debug, Serialize)]
+pub struct InternalServerError<'a> {
+    /// What went wrong.
+    pub message: &'a str,
+    /// Poseidon's error code.
+    #[serde(rename = "errorCode")]
+    pub error_code: &'a str,
+}
+
+/// A server → client WebSocket message, exactly as `websocket.schema.json` allows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", content = "data", rename_all = "lowercase")]
+pub enum WsMessage {
+    /// The execution is about to start.
+    Start,
+    /// A chunk of standard output (the terminal).
+    Stdout(String),
+    /// A chunk of standard error.
+    Stderr(String),
+    /// The execution failed.
+    Error(String),
+    /// The execution exited with this code.
+    Exit(u8),
+    /// The time limit or the runner's inactivity timeout was hit.
+    Timeout,
+}
+
+impl WsMessage {
+    /// The message as JSON text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_messages_match_the_schema() {
+        assert_eq!(WsMessage::Start.to_json(), r#"{"type":"start"}"#);
+        assert_eq!(WsMessage::Timeout.to_json(), r#"{"type":"timeout"}"#);
+        assert_eq!(
+            WsMessage::Exit(137).to_json(),
+            r#"{"type":"exit","data":137}"#
+        );
+        assert_eq!(
+            WsMessage::Stdout("a\r\n".into()).to_json(),
+            r#"{"type":"stdout","data":"a\r\n"}"#
+        );
+        assert_eq!(
+            WsMessage::Error("x".into()).to_json(),
+            r#"{"type":"error","data":"x"}"#
+        );
+    }
+
+    #[test]
+    fn parsing_is_lenient_like_poseidon() {
+        let request: RunnerRequest =
+            parse(br#"{"executionEnvironmentId":3,"inactivityTimeout":null,"x":1} trailing"#)
+                .unwrap();
+        assert_eq!((request.environment_id, request.inactivity_timeout), (3, 0));
+        let update: UpdateFileSystemRequest =
+            parse(br#"{"copy":[{"path":"a","content":null}],"delete":null}"#).unwrap();
+        assert_eq!(update.copy[0].content, "");
+        assert!(update.delete.is_empty());
+    }
+
+    #[test]
+    fn wrong_types_and_negative_sizes_are_rejected() {
+        let err = parse::<RunnerRequest>(br#"{"executionEnvironmentId":"3"}"#).unwrap_err();
+        assert_eq!(err.status(), 400);
+        assert!(err.to_string().contains("invalid type: string"), "{err}");
+        let err = parse::<Environment>(br#"{"prewarmingPoolSize":-1}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("invalid value: integer `-1`"),
+            "{err}"
+        );
+        assert_eq!(
+            parse::<Environment>(b"  ").unwrap_err().to_string(),
+            "request body is empty"
+        );
+        assert_eq!(
+            parse::<Environment>(b"").unwrap_err().to_string(),
+            "request body is empty"
+        );
+        assert!(parse::<Environment>(br#"{"image": "#).is_err());
+        assert!(parse::<Environment>(br#"[0, 20, 256, "x", false, [], 3]"#).is_err());
+    }
+
+    #[test]
+    fn environments_serialize_with_id_last_and_empty_arrays() {
+        let env = Environment {
+            image: "i".into(),
+            ..Default::default()
+        }
+        .with_id(EnvironmentId(9));
+        assert_eq!(
+            serde_json::to_string(&env).unwrap(),
+            r#"{"prewarmingPoolSize":0,"cpuLimit":0,"memoryLimit":0,"image":"i","networkAccess":false,"exposedPorts":[],"id":9}"#
+        );
+    }
+}

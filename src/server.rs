@@ -1,0 +1,270 @@
+//! Binding, threads and shutdown: the tiny_http accept loop feeding a worker pool over a
+//! channel, the WebSocket listener, the timer, the thread returning expired runners, and the
+//! prewarm threads.
+
+use std::{
+    fmt,
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::{Receiver, Sender};
+use rustix::net::sockopt::{self, Timeout};
+
+use crate::{
+    api::{self, App},
+    config::{Config, ExecutorKind},
+    error::{Error, Result},
+    executor::{Executor, process::ProcessExecutor},
+    manager::{Job, Limits, Manager, TimerCommand, prewarm, timer},
+    store::Store,
+};
+
+/// How long an HTTP connection may stay silent (idle keep-alive, or a stalled request or
+/// response) before it is closed. Longer than the 5 s after which CodeOcean's client stops
+/// reusing idle connections, so a reused connection is never closed under it.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A bound but not yet running server.
+pub struct Server {
+    http: Arc<tiny_http::Server>,
+    http_addr: SocketAddr,
+    websocket: TcpListener,
+    websocket_addr: SocketAddr,
+    app: Arc<App>,
+    config: Config,
+    timer: Receiver<TimerCommand>,
+    jobs: Receiver<Job>,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("http_addr", &self.http_addr)
+            .field("websocket_addr", &self.websocket_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the configured executor.
+pub fn executor(config: &Config) -> Result<Arc<dyn Executor>> {
+    match config.runner.executor {
+        ExecutorKind::Process => {
+            log::warn!(
+                "executor `process`: runners are plain directories and commands run as this \
+                 server's user WITHOUT ANY ISOLATION; use it for trusted code only"
+            );
+            Ok(Arc::new(ProcessExecutor::new(&config.state.dir)?))
+        }
+        ExecutorKind::Sandbox => Err(Error::Internal(
+            "the sandbox executor is not available in this build; use --executor process".into(),
+        )),
+    }
+}
+
+impl Server {
+    /// Binds both listeners, opens the state directory and restores persisted environments.
+    pub fn bind(config: Config) -> Result<Server> {
+        let executor = executor(&config)?;
+        Server::with_executor(config, executor)
+    }
+
+    /// Like [`Server::bind`] with a given executor.
+    pub fn with_executor(config: Config, executor: Arc<dyn Executor>) -> Result<Server> {
+        let address = config.server.address;
+        let listener = TcpListener::bind((address, config.server.port)).map_err(|err| {
+            Error::internal(
+                &format!("cannot listen on {address}:{}", config.server.port),
+                err,
+            )
+        })?;
+        // Accepted sockets inherit these timeouts, which tiny_http has no setting for.
+        sockopt::set_socket_timeout(&listener, Timeout::Recv, Some(HTTP_TIMEOUT))?;
+        sockopt::set_socket_timeout(&listener, Timeout::Send, Some(HTTP_TIMEOUT))?;
+        let http_addr = listener.local_addr()?;
+        let http = tiny_http::Server::from_listener(listener, None)
+            .map_err(|err| Error::internal("cannot start the HTTP server", err))?;
+        let ws_port = config.server.websocket_port();
+        let websocket = TcpListener::bind((address, ws_port)).map_err(|err| {
+            Error::internal(&format!("cannot listen on {address}:{ws_port}"), err)
+        })?;
+        let websocket_addr = websocket.local_addr()?;
+
+        let store = Store::open(&config.state.dir).map_err(|err| {
+            Error::internal(&format!("cannot open {}", config.state.dir.display()), err)
+        })?;
+        let (timer_tx, timer) = crossbeam_channel::unbounded();
+        let (jobs_tx, jobs) = crossbeam_channel::unbounded();
+        let limits = Limits {
+            capacity: config.runner.capacity,
+        };
+        let manager = Arc::new(Manager::new(executor, store, limits, timer_tx, jobs_tx));
+        manager.restore(Instant::now());
+        let app = Arc::new(App {
+            manager,
+            server: config.server.clone(),
+            websocket_port: websocket_addr.port(),
+            max_output_bytes: config.runner.max_output_bytes,
+        });
+        Ok(Server {
+            http: Arc::new(http),
+            http_addr,
+            websocket,
+            websocket_addr,
+            app,
+            config,
+            timer,
+            jobs,
+        })
+    }
+
+    /// The HTTP listener's address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The WebSocket listener's address.
+    pub fn websocket_addr(&self) -> SocketAddr {
+        self.websocket_addr
+    }
+
+    /// Starts every thread; the server serves until [`ServerHandle::shutdown`].
+    pub fn spawn(self) -> Result<ServerHandle> {
+        let named = |name: &str| thread::Builder::new().name(name.to_owned());
+        let mut threads = Vec::new();
+        let (requests_tx, requests) = crossbeam_channel::bounded::<tiny_http::Request>(64);
+        let http = Arc::clone(&self.http);
+        threads.push(named("http-accept").spawn(move || accept(&http, &requests_tx))?);
+        for index in 0..self.config.server.workers.max(1) {
+            let (app, requests) = (Arc::clone(&self.app), requests.clone());
+            let worker = named(&format!("http-{index}")).spawn(move || {
+                for request in requests {
+                    api::dispatch(&app, request);
+                }
+            })?;
+            threads.push(worker);
+        }
+        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        let (expired_tx, expired) = crossbeam_channel::unbounded();
+        threads.push(timer::spawn(self.timer, expired_tx, stop.clone())?);
+        let manager = Arc::clone(&self.app.manager);
+        threads.push(named("returner").spawn(move || {
+            for (id, generation) in expired {
+                manager.expire(&id, generation);
+            }
+        })?);
+        let prewarmers = prewarm::spawn(
+            self.config.runner.prewarm_threads,
+            &self.app.manager,
+            &self.jobs,
+            &stop,
+        )?;
+        let websocket_stop = Arc::new(AtomicBool::new(false));
+        let (listener, app, flag) = (
+            self.websocket,
+            Arc::clone(&self.app),
+            Arc::clone(&websocket_stop),
+        );
+        threads.push(named("ws-accept").spawn(move || api::ws::serve(listener, app, flag))?);
+        log::info!("HTTP API listening on http://{}/api/v1", self.http_addr);
+        log::info!(
+            "WebSocket executions listening on ws://{}",
+            self.websocket_addr
+        );
+        Ok(ServerHandle {
+            http: self.http,
+            http_addr: self.http_addr,
+            websocket_addr: self.websocket_addr,
+            app: self.app,
+            websocket_stop,
+            stop: Some(stop_tx),
+            threads,
+            prewarmers,
+        })
+    }
+}
+
+fn accept(http: &tiny_http::Server, requests: &Sender<tiny_http::Request>) {
+    while let Ok(request) = http.recv() {
+        if requests.send(request).is_err() {
+            return;
+        }
+    }
+}
+
+/// A running server.
+pub struct ServerHandle {
+    http: Arc<tiny_http::Server>,
+    http_addr: SocketAddr,
+    websocket_addr: SocketAddr,
+    app: Arc<App>,
+    websocket_stop: Arc<AtomicBool>,
+    stop: Option<Sender<()>>,
+    threads: Vec<JoinHandle<()>>,
+    prewarmers: Vec<JoinHandle<()>>,
+}
+
+impl fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerHandle")
+            .field("http_addr", &self.http_addr)
+            .field("websocket_addr", &self.websocket_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerHandle {
+    /// The HTTP listener's address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The WebSocket listener's address.
+    pub fn websocket_addr(&self) -> SocketAddr {
+        self.websocket_addr
+    }
+
+    /// The API base URL, e.g. `http://127.0.0.1:7200/api/v1` (CodeOcean's `runner_management.url`).
+    pub fn url(&self) -> String {
+        format!("http://{}/api/v1", self.http_addr)
+    }
+
+    /// The runner manager (for harnesses that inspect state).
+    pub fn manager(&self) -> &Arc<Manager> {
+        &self.app.manager
+    }
+
+    /// Stops listening, ends every execution (each gets an `error` message), destroys every
+    /// runner and joins the server's threads.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        let Some(stop) = self.stop.take() else { return };
+        log::info!("shutting down");
+        self.http.unblock();
+        self.websocket_stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.websocket_addr);
+        drop(stop);
+        for thread in self.prewarmers.drain(..) {
+            let _ = thread.join();
+        }
+        self.app.manager.shutdown();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+        log::info!("stopped");
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}

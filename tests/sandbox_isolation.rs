@@ -347,11 +347,10 @@ fn leftovers_of_a_crashed_server_are_removed() {
             == Some(me.as_str())
     });
     std::mem::forget(crashed);
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(launcher.unwrap() as i32).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
+    let launcher = rustix::process::Pid::from_raw(launcher.unwrap() as i32).unwrap();
+    rustix::process::kill_process(launcher, rustix::process::Signal::KILL).unwrap();
+    // Reaped here as init would reap it after a real crash.
+    rustix::process::waitpid(Some(launcher), rustix::process::WaitOptions::empty()).unwrap();
     // The runner's processes die with their launcher (parent death signal).
     assert_eq!(sleeper.wait(), Outcome::Lost);
     // A group with a live process in it and a directory, as a crash might leave them.

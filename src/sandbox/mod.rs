@@ -17,8 +17,6 @@ mod protocol;
 mod runner;
 mod seccomp;
 
-use std::ffi::OsString;
-
 pub use executor::SandboxExecutor;
 pub use runner::SandboxRunner;
 
@@ -29,10 +27,8 @@ pub const AGENT_ARG: &str = "__sandbox-agent";
 /// [`AGENT_ARG`]); returns otherwise. Call it first thing in `main`, before any thread starts:
 /// the agent must be single-threaded.
 pub fn run_agent_if_requested() {
-    let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() != Some(std::ffi::OsStr::new(AGENT_ARG)) {
+    if std::env::args_os().nth(1).as_deref() != Some(std::ffi::OsStr::new(AGENT_ARG)) {
         return;
     }
-    let rest: Vec<OsString> = args.collect();
-    std::process::exit(agent::main(&rest));
+    std::process::exit(agent::main());
 }

@@ -100,7 +100,6 @@ impl SandboxRunner {
         let (ours, theirs) = protocol::socketpair()?;
         let child = std::process::Command::new(&self.shared.agent)
             .arg(AGENT_ARG)
-            .arg(std::process::id().to_string())
             .env_clear()
             .stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
@@ -270,10 +269,10 @@ impl Runner for SandboxRunner {
                 false
             }
         };
-        if let Err(err) = fs::remove_dir(&self.dir) {
-            if err.kind() != io::ErrorKind::NotFound {
-                log::warn!("sandbox: cannot remove {}: {err}", self.dir.display());
-            }
+        if let Err(err) = fs::remove_dir(&self.dir)
+            && err.kind() != io::ErrorKind::NotFound
+        {
+            log::warn!("sandbox: cannot remove {}: {err}", self.dir.display());
         }
         // A uid range is reused only once no process of this runner can hold it.
         if cleaned {

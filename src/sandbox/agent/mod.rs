@@ -14,7 +14,6 @@ mod files;
 mod rootfs;
 
 use std::{
-    ffi::OsString,
     fs,
     os::fd::{AsFd, OwnedFd},
     process,
@@ -45,16 +44,13 @@ struct Context {
     filter: Vec<libc::sock_filter>,
 }
 
-/// Runs the agent; `args` are the arguments after `__sandbox-agent`. Returns the exit code.
-pub(super) fn main(args: &[OsString]) -> i32 {
-    // Die with the server (the spawning thread), then check it did not die before this line.
-    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
-    let expected_parent = args
-        .first()
-        .and_then(|arg| arg.to_str()?.parse::<i32>().ok());
-    if rustix::process::getppid().map(|pid| pid.as_raw_nonzero().get()) != expected_parent {
-        return 1;
-    }
+/// Runs the agent. Returns the exit code.
+///
+/// The runner ends when the server closes its end of the control socket, which the kernel also
+/// does when the server dies: the init then exits and takes the runner with it. The launcher
+/// has no parent death signal, because that signal follows the *thread* that spawned it, and a
+/// runner must not die with, say, a short-lived thread of a test harness.
+pub(super) fn main() -> i32 {
     let Ok(control) = take_control_socket() else {
         return 1;
     };
@@ -72,10 +68,9 @@ pub(super) fn main(args: &[OsString]) -> i32 {
         Ok(Forked::Parent(pid)) => {
             // The launcher only waits: the init alone holds the runner's end of the socket,
             // and no process of a runner stays host root (the runner's base uid is unused on
-            // the host). Changing ids clears the parent death signal: set it again.
+            // the host).
             drop((control, userns));
             let _ = rootfs::become_user(setup.uid_base, setup.uid_base);
-            let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
             wait_for(pid);
             0
         }

@@ -3,7 +3,6 @@
 //! Only groups under `<controller>/<cgroup_name>/` are ever created, written or removed.
 
 use std::{
-    collections::BTreeSet,
     fs, io,
     path::{Path, PathBuf},
     thread,
@@ -245,22 +244,6 @@ impl Cgroups {
             dirs,
             v2: matches!(self.layout, Layout::V2 { .. }),
         }
-    }
-
-    /// Names of the runner groups that exist under the executor's groups.
-    pub fn existing(&self) -> BTreeSet<String> {
-        let mut names = BTreeSet::new();
-        for parent in self.parents() {
-            let Ok(entries) = fs::read_dir(parent) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    names.extend(entry.file_name().to_str().map(str::to_owned));
-                }
-            }
-        }
-        names
     }
 }
 

@@ -179,31 +179,26 @@ impl Executor for SandboxExecutor {
         None
     }
 
+    /// A runner's directory under the state directory exists for as long as its cgroup does
+    /// (created before it, removed after it), so leftovers are found through the directories:
+    /// groups of another server that shares the cgroup name (another state directory) are
+    /// never touched.
     fn remove_leftovers(&self, keep: &[RunnerId]) {
         let keep: BTreeSet<&str> = keep.iter().map(RunnerId::as_str).collect();
-        let cgroups = &self.shared.cgroups;
-        for name in cgroups.existing() {
-            if keep.contains(name.as_str()) {
-                continue;
-            }
-            match cgroups.group(&name).remove() {
-                Ok(()) => log::info!("sandbox: removed leftover cgroup {name}"),
-                Err(err) => log::warn!("sandbox: cannot remove leftover cgroup {name}: {err}"),
-            }
-        }
         let Ok(entries) = fs::read_dir(&self.shared.dir) else {
             return;
         };
         for entry in entries.flatten() {
-            let name = entry.file_name();
-            if keep.contains(name.to_string_lossy().as_ref()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if keep.contains(name.as_str()) {
+                continue;
+            }
+            if let Err(err) = self.shared.cgroups.group(&name).remove() {
+                log::warn!("sandbox: cannot remove the leftover cgroup {name}: {err}");
                 continue;
             }
             match fs::remove_dir_all(entry.path()) {
-                Ok(()) => log::info!(
-                    "sandbox: removed leftover directory {}",
-                    entry.path().display()
-                ),
+                Ok(()) => log::info!("sandbox: removed leftover runner {name}"),
                 Err(err) => log::warn!("sandbox: cannot remove {}: {err}", entry.path().display()),
             }
         }

@@ -259,25 +259,21 @@ impl Runner for SandboxRunner {
             return;
         }
         self.end_agent();
-        let cleaned = match self.group.remove() {
-            Ok(()) => true,
-            Err(err) => {
-                log::error!(
-                    "sandbox: cannot remove the cgroup of runner {}: {err}",
-                    self.id
-                );
-                false
-            }
-        };
+        if let Err(err) = self.group.remove() {
+            // The directory stays, so that the next start finds the group as a leftover; the
+            // uid range is not reused while a process of this runner may still hold it.
+            log::error!(
+                "sandbox: cannot remove the cgroup of runner {}: {err}",
+                self.id
+            );
+            return;
+        }
         if let Err(err) = fs::remove_dir(&self.dir)
             && err.kind() != io::ErrorKind::NotFound
         {
             log::warn!("sandbox: cannot remove {}: {err}", self.dir.display());
         }
-        // A uid range is reused only once no process of this runner can hold it.
-        if cleaned {
-            self.shared.give_slot(self.slot);
-        }
+        self.shared.give_slot(self.slot);
     }
 }
 

@@ -1,5 +1,5 @@
-//! Isolation of sandbox runners from each other and from the host, file operations that
-//! cannot escape, and cleanup (destroy, leftovers of a crashed server). Skipped when not root.
+//! Isolation of sandbox runners from each other and from the host, images, and cleanup
+//! (destroy, leftovers of a crashed server). Real sandboxes; skipped when not root.
 
 mod sandbox_support;
 
@@ -7,46 +7,11 @@ use std::{fs, path::Path, process::Stdio};
 
 use poseidon_lite::{
     Error,
-    executor::{Executor, FileEntry, FileUpdate, Outcome, Runner, RunnerSpec},
+    executor::{Executor, Outcome, RunnerSpec},
     id::{EnvironmentId, RunnerId},
     sandbox::SandboxExecutor,
 };
 use sandbox_support::*;
-use serde_json::Value;
-
-/// A name no other test (or host file) uses.
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    )
-}
-
-fn listing(runner: &dyn Runner, path: &str, privileged: bool) -> Vec<Value> {
-    listing_with(runner, path, true, privileged)
-}
-
-fn listing_with(runner: &dyn Runner, path: &str, recursive: bool, privileged: bool) -> Vec<Value> {
-    let mut body = String::new();
-    runner
-        .list_files(path, recursive, privileged)
-        .unwrap()
-        .read_to_string(&mut body)
-        .unwrap();
-    let value: Value = serde_json::from_str(&body).unwrap();
-    value["files"].as_array().unwrap().clone()
-}
-
-fn read(runner: &dyn Runner, path: &str, privileged: bool) -> Result<String, Error> {
-    let mut content = runner.read_file(path, privileged)?;
-    let mut text = String::new();
-    content.reader.read_to_string(&mut text).unwrap();
-    assert_eq!(text.len() as u64, content.length);
-    Ok(text)
-}
-
-use std::io::Read;
 
 #[test]
 fn runners_cannot_see_each_others_files_or_processes() {
@@ -113,205 +78,6 @@ fn writes_outside_the_workspace_stay_in_the_runner() {
         run(&*one, &format!("cat /tmp/{name} /{name}")).stdout,
         "a\r\nb\r\n"
     );
-}
-
-#[test]
-fn copied_files_are_root_owned_and_protected_from_the_user() {
-    let Some(test) = TestExecutor::new() else {
-        return;
-    };
-    let runner = test.runner();
-    let entry = |path: &str, content: &[u8]| FileEntry {
-        path: path.into(),
-        content: content.to_vec(),
-    };
-    let update = FileUpdate {
-        delete: vec!["./*".into()],
-        copy: vec![
-            entry("a.txt", b"hello"),
-            entry("d/", b""),
-            entry("d/b.txt", b"bee"),
-        ],
-    };
-    runner.update_files(&update).unwrap();
-    let files = listing(&*runner, "", false);
-    let find = |name: &str| files.iter().find(|e| e["name"] == name).cloned().unwrap();
-    let a = find("./a.txt");
-    assert_eq!(
-        (&a["entryType"], &a["permissions"], &a["owner"], &a["group"]),
-        (
-            &"-".into(),
-            &"rwxr--r--".into(),
-            &"root".into(),
-            &"root".into()
-        )
-    );
-    assert_eq!(a["size"], 5);
-    let d = find("./d");
-    assert_eq!(
-        (&d["entryType"], &d["permissions"]),
-        (&"d".into(), &"rwxrwxrwt".into())
-    );
-    assert_eq!(run(&*runner, "cat a.txt d/b.txt").stdout, "hellobee");
-    for attempt in [
-        "echo x > a.txt",
-        "rm -f a.txt",
-        "rm -f d/b.txt",
-        "mv d/b.txt d/c.txt",
-        "chmod 777 a.txt",
-    ] {
-        assert_ne!(
-            run(&*runner, attempt).outcome,
-            Outcome::Exited(0),
-            "{attempt}"
-        );
-    }
-    assert_eq!(
-        run(&*runner, "echo new > d/new && cat d/new").stdout,
-        "new\r\n"
-    );
-    assert_eq!(read(&*runner, "d/b.txt", false).unwrap(), "bee");
-    runner
-        .update_files(&FileUpdate {
-            delete: vec!["./*".into()],
-            copy: vec![],
-        })
-        .unwrap();
-    assert!(listing(&*runner, "", false).is_empty());
-}
-
-#[test]
-fn file_operations_report_missing_paths() {
-    let Some(test) = TestExecutor::new() else {
-        return;
-    };
-    let runner = test.runner();
-    assert!(matches!(
-        runner.list_files("missing", true, false),
-        Err(Error::FileNotFound(_))
-    ));
-    assert!(matches!(
-        runner.read_file("missing", false),
-        Err(Error::FileNotFound(_))
-    ));
-    assert!(matches!(
-        runner.read_file("/tmp", false),
-        Err(Error::FileNotFound(_))
-    ));
-    let update = FileUpdate {
-        delete: vec![],
-        copy: vec![FileEntry {
-            path: "/proc/1/environ".into(),
-            content: b"x".to_vec(),
-        }],
-    };
-    assert!(matches!(
-        runner.update_files(&update),
-        Err(Error::FileCopy(_))
-    ));
-}
-
-#[test]
-fn the_inits_environment_is_unreadable() {
-    let Some(test) = TestExecutor::new() else {
-        return;
-    };
-    let runner = test.runner();
-    assert!(matches!(
-        runner.read_file("/proc/1/environ", false),
-        Err(Error::FileNotFound(_))
-    ));
-    assert!(matches!(
-        runner.read_file("/proc/1/environ", true),
-        Err(Error::FileNotFound(_))
-    ));
-    assert_ne!(
-        run_root(&*runner, "cat /proc/1/environ").outcome,
-        Outcome::Exited(0)
-    );
-}
-
-#[test]
-fn planted_symlinks_never_reach_host_files() {
-    let Some(test) = TestExecutor::new() else {
-        return;
-    };
-    let runner = test.runner();
-    let name = unique("host-secret");
-    let secret = Path::new("/tmp").join(&name);
-    fs::write(&secret, "host secret").unwrap();
-    let plant = format!(
-        "ln -s {} s && ln -s / root && ln -s /etc/shadow shadow && ln -s /tmp t",
-        secret.display()
-    );
-    assert_eq!(run(&*runner, &plant).outcome, Outcome::Exited(0));
-    for path in [
-        "s",
-        "shadow",
-        "root/etc/shadow",
-        &format!("root/tmp/{name}"),
-        &format!("t/{name}"),
-        &format!("../../../tmp/{name}"),
-    ] {
-        for privileged in [false, true] {
-            assert!(
-                matches!(
-                    read(&*runner, path, privileged),
-                    Err(Error::FileNotFound(_))
-                ),
-                "{path}"
-            );
-        }
-    }
-    // Listings through the links show the runner's files, not the host's.
-    let root: Vec<Value> = listing_with(&*runner, "root/", false, true);
-    let names: Vec<&str> = root.iter().map(|e| e["name"].as_str().unwrap()).collect();
-    assert!(
-        names.contains(&"workspace") && names.contains(&"usr"),
-        "{names:?}"
-    );
-    for host_only in [
-        "work", "farm", "root", "var", "run", "opt", "srv", "mnt", "boot", "sys",
-    ] {
-        assert!(!names.contains(&host_only), "{names:?}");
-    }
-    assert!(
-        !listing(&*runner, "t/", true)
-            .iter()
-            .any(|e| e["name"].as_str().unwrap().contains(&name))
-    );
-    // Writes and deletes through the links stay inside too.
-    let entry = |path: String| FileEntry {
-        path,
-        content: b"pwned".to_vec(),
-    };
-    let update = FileUpdate {
-        delete: vec![format!("t/{name}"), format!("root/tmp/{name}")],
-        copy: vec![
-            entry("s".into()),
-            entry(format!("t/{name}")),
-            entry(format!("root/tmp/{name}-2")),
-        ],
-    };
-    runner.update_files(&update).unwrap();
-    let escape = FileUpdate {
-        delete: vec![],
-        copy: vec![entry(format!("root/etc/{name}"))],
-    };
-    assert!(matches!(
-        runner.update_files(&escape),
-        Err(Error::FileCopy(_))
-    ));
-    assert_eq!(fs::read_to_string(&secret).unwrap(), "host secret");
-    assert!(
-        !Path::new(&format!("/tmp/{name}-2")).exists()
-            && !Path::new(&format!("/etc/{name}")).exists()
-    );
-    assert_eq!(
-        read(&*runner, &format!("/tmp/{name}"), false).unwrap(),
-        "pwned"
-    );
-    fs::remove_file(secret).unwrap();
 }
 
 #[test]
@@ -511,4 +277,78 @@ fn directory_images_are_idmapped_and_their_layer_is_private() {
     drop((one, two));
     drop(test);
     fs::remove_dir_all(images).unwrap();
+}
+
+/// Reads the first of `files` that exists in the (only) runner's group of `controller` (v1:
+/// `/sys/fs/cgroup/<controller>/<name>/<runner>`; v2: `/sys/fs/cgroup/<name>/<runner>`).
+fn cgroup_file(test: &TestExecutor, controller: &str, files: &[&str]) -> String {
+    for dir in test.cgroup_dirs() {
+        let hierarchy = dir.parent().unwrap();
+        if hierarchy != Path::new("/sys/fs/cgroup") && !hierarchy.ends_with(controller) {
+            continue;
+        }
+        let group = fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .find(|e| e.path().is_dir())
+            .unwrap();
+        for file in files {
+            if let Ok(text) = fs::read_to_string(group.path().join(file)) {
+                return text.trim().to_owned();
+            }
+        }
+    }
+    panic!("no {files:?} for {controller}")
+}
+
+#[test]
+fn limits_of_the_specification_reach_the_cgroup() {
+    let Some(test) = TestExecutor::with(|config| {
+        config.sandbox.cpu_hard_limit = true;
+        config.sandbox.cpu_mhz = 2000;
+        config.sandbox.pids_limit = 100;
+    }) else {
+        return;
+    };
+    let runner = test.runner_with(|spec| {
+        spec.memory_limit = 64;
+        spec.cpu_limit = 500;
+    });
+    let memory = cgroup_file(&test, "memory", &["memory.limit_in_bytes", "memory.max"]);
+    assert_eq!(memory, (64u64 << 20).to_string());
+    assert_eq!(cgroup_file(&test, "pids", &["pids.max"]), "100");
+    let quota = cgroup_file(&test, "cpu", &["cpu.cfs_quota_us", "cpu.max"]);
+    assert!(quota == "25000" || quota == "25000 100000", "{quota}");
+    let weight = cgroup_file(&test, "cpu", &["cpu.shares", "cpu.weight"]);
+    assert!(weight == "500" || weight == "20", "{weight}");
+    runner.destroy();
+    let defaulted = TestExecutor::with(|config| config.sandbox.default_memory_limit_mb = 128);
+    let Some(defaulted) = defaulted else { return };
+    let _runner = defaulted.runner();
+    let memory = cgroup_file(
+        &defaulted,
+        "memory",
+        &["memory.limit_in_bytes", "memory.max"],
+    );
+    assert_eq!(memory, (128u64 << 20).to_string());
+}
+
+#[test]
+fn the_writable_layer_is_capped() {
+    let Some(test) = TestExecutor::with(|config| config.sandbox.disk_limit_mb = 8) else {
+        return;
+    };
+    let runner = test.runner();
+    let full = run(&*runner, "head -c 20m /dev/zero > /tmp/big");
+    assert_ne!(full.outcome, Outcome::Exited(0));
+    assert!(full.stderr.contains("No space left on device"), "{full:?}");
+    let workspace = run(&*runner, "rm /tmp/big; head -c 20m /dev/zero > big");
+    assert!(
+        workspace.stderr.contains("No space left on device"),
+        "{workspace:?}"
+    );
+    assert_eq!(
+        run(&*runner, "rm big; echo ok > small && cat small").stdout,
+        "ok\r\n"
+    );
 }

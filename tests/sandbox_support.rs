@@ -3,6 +3,7 @@
 //! message) when not run as root.
 #![allow(dead_code)]
 
+use serde_json::Value;
 use std::{
     fs::File,
     io::{Read, Write},
@@ -17,7 +18,7 @@ use std::{
 };
 
 use poseidon_lite::{
-    Config,
+    Config, Error,
     executor::{Command, Executor, Outcome, Runner, RunnerSpec},
     id::{EnvironmentId, RunnerId},
     sandbox::SandboxExecutor,
@@ -354,3 +355,43 @@ impl Started {
 
 /// Keeps an owned descriptor alive for the length of a test.
 pub fn keep(_fd: OwnedFd) {}
+
+/// A name no other test (or host file) uses.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// A recursive listing's entries.
+pub fn listing(runner: &dyn Runner, path: &str, privileged: bool) -> Vec<Value> {
+    listing_with(runner, path, true, privileged)
+}
+
+/// A listing's entries.
+pub fn listing_with(
+    runner: &dyn Runner,
+    path: &str,
+    recursive: bool,
+    privileged: bool,
+) -> Vec<Value> {
+    let mut body = String::new();
+    runner
+        .list_files(path, recursive, privileged)
+        .unwrap()
+        .read_to_string(&mut body)
+        .unwrap();
+    let value: Value = serde_json::from_str(&body).unwrap();
+    value["files"].as_array().unwrap().clone()
+}
+
+/// Downloads a file as text, checking its announced length.
+pub fn read(runner: &dyn Runner, path: &str, privileged: bool) -> Result<String, Error> {
+    let mut content = runner.read_file(path, privileged)?;
+    let mut text = String::new();
+    content.reader.read_to_string(&mut text).unwrap();
+    assert_eq!(text.len() as u64, content.length);
+    Ok(text)
+}

@@ -275,3 +275,22 @@ fn a_destroyed_runner_refuses_work_and_destroy_is_idempotent() {
         Err(Error::UnknownRunner(_))
     ));
 }
+
+#[test]
+fn start_up_failures_name_what_is_missing() {
+    if !rustix::process::geteuid().is_root() {
+        return;
+    }
+    let state = std::env::temp_dir().join(format!("poseidon-lite-startup-{}", std::process::id()));
+    let mut config = poseidon_lite::Config::ephemeral(&state);
+    config.sandbox.agent = Some("/nonexistent/agent".into());
+    config.sandbox.cgroup_name = format!("poseidon-lite-startup-{}", std::process::id());
+    let err = poseidon_lite::sandbox::SandboxExecutor::new(&config)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "agent binary /nonexistent/agent not found; choose --executor process"
+    );
+    assert!(!state.exists());
+}

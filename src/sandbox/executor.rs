@@ -9,16 +9,19 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
-use super::{cgroup::Cgroups, image, runner::SandboxRunner};
+use super::{cgroup::Cgroups, image, operation, runner::SandboxRunner};
 use crate::{
     config::{Config, SandboxConfig},
     error::{Error, Result},
-    executor::{Executor, Runner, RunnerSpec},
-    id::RunnerId,
+    executor::{Command, Executor, Outcome, Runner, RunnerSpec},
+    id::{EnvironmentId, RunnerId},
 };
 
+/// How long the start-up self-test may take to run `true`.
+const SELF_TEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Host ids per runner: inside ids 0..65535.
 pub(super) const IDS_PER_RUNNER: u32 = 65536;
 
@@ -56,31 +59,19 @@ impl SandboxExecutor {
             |what: String| Error::Internal(format!("{what}; choose --executor process"));
         let sandbox = &config.sandbox;
         check_host().map_err(unavailable)?;
+        let agent = agent_path(sandbox).map_err(unavailable)?;
+        let count = (u32::MAX - sandbox.uid_base) / IDS_PER_RUNNER;
+        if count == 0 {
+            let message = format!("uid_base {} leaves no uid range", sandbox.uid_base);
+            return Err(unavailable(message));
+        }
         let cgroups = Cgroups::detect(&sandbox.cgroup_name).map_err(unavailable)?;
         cgroups
             .prepare()
             .map_err(|err| unavailable(format!("cannot create the sandbox cgroups: {err}")))?;
-        let agent = match &sandbox.agent {
-            Some(agent) => agent.clone(),
-            None => std::env::current_exe()
-                .map_err(|err| unavailable(format!("cannot find the agent binary: {err}")))?,
-        };
-        if !agent.is_file() {
-            return Err(unavailable(format!(
-                "agent binary {} not found",
-                agent.display()
-            )));
-        }
         let dir = config.state.dir.join("sandbox");
         fs::create_dir_all(&dir)
             .map_err(|err| unavailable(format!("cannot create {}: {err}", dir.display())))?;
-        let count = (u32::MAX - sandbox.uid_base) / IDS_PER_RUNNER;
-        if count == 0 {
-            return Err(unavailable(format!(
-                "uid_base {} leaves no uid range",
-                sandbox.uid_base
-            )));
-        }
         log::info!(
             "sandbox executor: {}, uids from {}, agent {}",
             cgroups.describe(),
@@ -103,9 +94,61 @@ impl SandboxExecutor {
             slots,
             network_warned: AtomicBool::new(false),
         };
-        Ok(SandboxExecutor {
+        let executor = SandboxExecutor {
             shared: Arc::new(shared),
-        })
+        };
+        executor
+            .self_test()
+            .map_err(|err| unavailable(format!("sandbox self-test failed: {err}")))?;
+        Ok(executor)
+    }
+}
+
+impl SandboxExecutor {
+    /// Builds a runner of the `host` image and runs `true` in it: whatever the host lacks
+    /// (namespaces, overlayfs, mount options, seccomp, ...) shows at start-up, not per request.
+    fn self_test(&self) -> Result<()> {
+        let spec = RunnerSpec {
+            environment: EnvironmentId(0),
+            image: image::HOST_IMAGE.to_owned(),
+            cpu_limit: 0,
+            memory_limit: 0,
+            network_access: false,
+        };
+        let runner = SandboxRunner::start(&self.shared, &RunnerId::new(spec.environment), &spec)?;
+        let command = Command {
+            command: "true".into(),
+            environment: Vec::new(),
+            privileged: false,
+        };
+        let mut process = runner.execute(&command)?;
+        let outcome = loop {
+            if !operation::wait_readable(process.exit.fd(), SELF_TEST_TIMEOUT) {
+                break None;
+            }
+            if let Some(outcome) = process.exit.outcome()? {
+                break Some(outcome);
+            }
+        };
+        match outcome {
+            Some(Outcome::Exited(0)) => Ok(()),
+            other => Err(Error::Internal(format!("`true` ended with {other:?}"))),
+        }
+    }
+}
+
+/// The agent binary: configured, or this program.
+fn agent_path(sandbox: &SandboxConfig) -> Result<PathBuf, String> {
+    let agent = match &sandbox.agent {
+        Some(agent) => agent.clone(),
+        None => {
+            std::env::current_exe().map_err(|err| format!("cannot find the agent binary: {err}"))?
+        }
+    };
+    if agent.is_file() {
+        Ok(agent)
+    } else {
+        Err(format!("agent binary {} not found", agent.display()))
     }
 }
 

@@ -147,6 +147,22 @@ impl Kill for SandboxKill {
     }
 }
 
+/// Waits until `fd` is readable or `timeout` passes; true if readable.
+pub(super) fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
+    let timeout = rustix::event::Timespec::try_from(timeout).unwrap_or_default();
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    loop {
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Ok(ready) => return ready > 0,
+            Err(_) => return false,
+        }
+    }
+}
+
 /// Yields exactly `remaining` bytes of `inner`; ending early is an error, not a short file.
 #[derive(Debug)]
 pub(super) struct ExactReader<R> {

@@ -151,26 +151,13 @@ impl SandboxRunner {
         // The launcher is our unreaped child, so its pid cannot have been reused.
         let pid = rustix::process::Pid::from_child(&launcher);
         let ended = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
-            .map(|pidfd| wait_readable(&pidfd, END_TIMEOUT))
+            .map(|pidfd| operation::wait_readable(pidfd.as_fd(), END_TIMEOUT))
             .unwrap_or(false);
         if !ended {
             self.group.kill_all();
             let _ = launcher.kill();
         }
         let _ = launcher.wait();
-    }
-}
-
-/// Waits until `fd` is readable or `timeout` passes; true if readable.
-fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
-    let timeout = rustix::event::Timespec::try_from(timeout).unwrap_or_default();
-    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
-    loop {
-        match rustix::event::poll(&mut fds, Some(&timeout)) {
-            Err(rustix::io::Errno::INTR) => continue,
-            Ok(ready) => return ready > 0,
-            Err(_) => return false,
-        }
     }
 }
 

@@ -1,25 +1,26 @@
-//! One execution, served by its reaper: pid 1 of a fresh pid namespace (and mount namespace,
-//! for a `/proc` that matches the pids the command sees). The reaper opens a pseudo-terminal of
-//! the runner's devpts and a stderr pipe, starts the command, hands the terminal master and the
-//! pipe's read end to the server, then waits for either the command's end (it sends the status
-//! and exits) or the server shutting the operation socket down (it exits at once). Its exit ends
-//! every process the command left behind, daemonized or not.
+//! Executions, each served by its reaper: pid 1 of a fresh pid namespace (and mount namespace,
+//! for a `/proc` that matches the pids the command sees), under the seccomp filter that the
+//! command inherits. The reaper opens a pseudo-terminal of the runner's devpts and a stderr
+//! pipe, starts the command, hands the terminal master and the pipe's read end to the server,
+//! then waits for the command's end (it sends the status and exits) or for the server to shut
+//! the operation socket down (it exits at once). Its exit ends every process of the execution.
+//!
+//! The init keeps one [`Spare`] reaper prepared ahead of time, so that creating the namespaces,
+//! mounting `/proc` and installing the filter stay off the path of a request.
 
 use std::{
-    ffi::CString,
     io::{self, Write},
     os::fd::{AsFd, OwnedFd},
 };
 
 use rustix::{
     event::{PollFd, PollFlags},
-    fs::Mode,
     mount::MountFlags,
-    process::{Pid, Resource, Rlimit, WaitOptions},
+    process::{Pid, WaitOptions},
     pty::OpenptFlags,
 };
 
-use super::{Context, rootfs};
+use super::{Context, command::Launch};
 use crate::{
     sandbox::protocol::{self, RecordReader, Reply, Request},
     sys::sandbox::{self as sys, Forked},
@@ -27,35 +28,91 @@ use crate::{
 
 /// Largest execute request (command and environment).
 const MAX_REQUEST: u64 = 4 << 20;
-/// `PATH` of commands.
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Namespaces of a reaper.
+const REAPER_NAMESPACES: libc::c_int = libc::CLONE_NEWPID | libc::CLONE_NEWNS;
 
-/// Who a command runs as.
-struct Identity {
-    uid: u32,
-    gid: u32,
-    name: &'static str,
-    home: String,
+/// A reaper waiting for its execution, linked to the init by a socket pair.
+#[derive(Debug)]
+pub(super) struct Spare {
+    link: OwnedFd,
 }
 
-/// Serves an execute operation; returns the reaper's exit code.
-pub(super) fn serve(op: OwnedFd, context: &Context) -> i32 {
+impl Spare {
+    /// Forks a reaper that prepares itself and waits for an operation socket.
+    pub fn start(context: &Context) -> io::Result<Spare> {
+        let (ours, theirs) = protocol::socketpair()?;
+        match sys::fork_into(REAPER_NAMESPACES)? {
+            Forked::Child => {
+                drop(ours);
+                std::process::exit(wait_as_spare(&theirs, context))
+            }
+            Forked::Parent(_) => Ok(Spare { link: ours }),
+        }
+    }
+
+    /// Gives the spare its execution; the operation comes back if the spare is gone.
+    pub fn hand_over(self, op: OwnedFd) -> Result<(), OwnedFd> {
+        protocol::send_record(self.link.as_fd(), b"op", &[op.as_fd()]).map_err(|_| op)
+    }
+}
+
+/// Serves an execution in a freshly forked reaper (when no spare was ready).
+pub(super) fn serve_new(op: OwnedFd, context: &Context) {
+    match sys::fork_into(REAPER_NAMESPACES) {
+        Ok(Forked::Child) => {
+            let code = match prepare_reaper(context) {
+                Ok(()) => serve(op, context),
+                Err(err) => fail(&op, &err),
+            };
+            std::process::exit(code)
+        }
+        Ok(Forked::Parent(_)) => {}
+        Err(err) => {
+            fail(&op, &err);
+        }
+    }
+}
+
+/// The spare's life: prepare, then wait for the operation socket (or the init's end).
+fn wait_as_spare(link: &OwnedFd, context: &Context) -> i32 {
+    if prepare_reaper(context).is_err() {
+        return 1;
+    }
+    let mut buf = [0; 8];
+    match protocol::recv_record(link.as_fd(), &mut buf, 1, false) {
+        Ok((_, mut fds)) => fds.pop().map_or(0, |op| serve(op, context)),
+        Err(_) => 1,
+    }
+}
+
+/// What a reaper sets up before any request: waiting for its own children, a `/proc` of its
+/// pid namespace, and the seccomp filter (installed here, where root inside may do so without
+/// no-new-privileges, and inherited by the command).
+fn prepare_reaper(context: &Context) -> io::Result<()> {
     sys::ignore_children(false);
+    let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    rustix::mount::mount("proc", "/proc", "proc", flags, None)?;
+    sys::install_seccomp(&context.filter)
+}
+
+fn fail(op: &OwnedFd, err: &io::Error) -> i32 {
+    let _ = protocol::send_reply(op.as_fd(), &Reply::Failed(err.to_string()), &[]);
+    1
+}
+
+/// Serves an execute operation in a prepared reaper; returns its exit code.
+fn serve(op: OwnedFd, context: &Context) -> i32 {
     match start(&op, context) {
         // The reaper keeps a descriptor of the terminal's slave side until it has sent the
         // status, so that the server's reader sees end of file (EIO) only after the status
         // is known; had the server closed the master earlier, the hangup would have killed a
         // command that had closed its terminal but not yet exited (status 129 instead of 0).
         Ok((child, _slave)) => wait(&op, child),
-        Err(err) => {
-            let _ = protocol::send_reply(op.as_fd(), &Reply::Failed(err.to_string()), &[]);
-            1
-        }
+        Err(err) => fail(&op, &err),
     }
 }
 
-/// Reads the request, mounts this pid namespace's /proc, starts the command and hands its
-/// terminal and stderr to the server.
+/// Reads the request, starts the command and hands its terminal and stderr to the server.
 fn start(op: &OwnedFd, context: &Context) -> io::Result<(Pid, OwnedFd)> {
     let request = protocol::read_request(&mut RecordReader::new(op, MAX_REQUEST))?;
     let Request::Execute {
@@ -66,29 +123,7 @@ fn start(op: &OwnedFd, context: &Context) -> io::Result<(Pid, OwnedFd)> {
     else {
         return Err(io::Error::other("not an execute request"));
     };
-    let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-    rustix::mount::mount("proc", "/proc", "proc", flags, None)?;
-    let identity = if privileged {
-        Identity {
-            uid: 0,
-            gid: 0,
-            name: "root",
-            home: "/root".to_owned(),
-        }
-    } else {
-        let user = &context.user;
-        Identity {
-            uid: user.uid,
-            gid: user.gid,
-            name: "user",
-            home: user.home.clone(),
-        }
-    };
-    let argv = |shell: &str| -> io::Result<Vec<CString>> {
-        [shell, "-c", &command].into_iter().map(cstring).collect()
-    };
-    let (bash, sh) = (argv("bash")?, argv("sh")?);
-    let env = environment_of(&identity, &environment);
+    let launch = Launch::new(&command, &environment, privileged, context)?;
     let pty_flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
     let master = rustix::pty::openpt(pty_flags)?;
     rustix::pty::unlockpt(&master)?;
@@ -96,17 +131,14 @@ fn start(op: &OwnedFd, context: &Context) -> io::Result<(Pid, OwnedFd)> {
     let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     match sys::fork()? {
         Forked::Child => {
-            let err = run_command(&slave, &err_write, &identity, context, &bash, &sh, &env);
+            let err = launch.exec(&slave, &err_write);
             let _ = writeln!(io::stderr(), "cannot start the command: {err}");
             std::process::exit(127)
         }
         Forked::Parent(child) => {
             drop(err_write);
-            protocol::send_reply(
-                op.as_fd(),
-                &Reply::Started,
-                &[master.as_fd(), err_read.as_fd()],
-            )?;
+            let fds = [master.as_fd(), err_read.as_fd()];
+            protocol::send_reply(op.as_fd(), &Reply::Started, &fds)?;
             Ok((child, slave))
         }
     }
@@ -147,88 +179,4 @@ fn wait(op: &OwnedFd, child: Pid) -> i32 {
         let _ = protocol::send_reply(op.as_fd(), &reply, &[]);
         return 0;
     }
-}
-
-/// In the command child: terminal, working directory, identity, limits, filter, execve.
-/// Returns only on failure.
-fn run_command(
-    slave: &OwnedFd,
-    err_write: &OwnedFd,
-    identity: &Identity,
-    context: &Context,
-    bash: &[CString],
-    sh: &[CString],
-    env: &[CString],
-) -> io::Error {
-    match prepare_command(slave, err_write, identity, context) {
-        Err(err) => err,
-        Ok(()) => match sys::execve(c"/bin/bash", bash, env) {
-            err if err.kind() == io::ErrorKind::NotFound => sys::execve(c"/bin/sh", sh, env),
-            err => err,
-        },
-    }
-}
-
-fn prepare_command(
-    slave: &OwnedFd,
-    err_write: &OwnedFd,
-    identity: &Identity,
-    context: &Context,
-) -> io::Result<()> {
-    sys::reset_signals();
-    rustix::process::setsid()?;
-    rustix::process::ioctl_tiocsctty(slave)?;
-    // Let the user reopen its terminal (e.g. /dev/stdin); best effort.
-    let owner = (
-        rustix::process::Uid::from_raw(identity.uid),
-        rustix::process::Gid::from_raw(identity.gid),
-    );
-    let _ = rustix::fs::fchown(slave, Some(owner.0), Some(owner.1));
-    rustix::stdio::dup2_stdin(slave)?;
-    rustix::stdio::dup2_stdout(slave)?;
-    rustix::stdio::dup2_stderr(err_write)?;
-    if std::env::set_current_dir("/workspace").is_err() {
-        std::env::set_current_dir("/")?;
-    }
-    let no_core = Rlimit {
-        current: Some(0),
-        maximum: Some(0),
-    };
-    rustix::process::setrlimit(Resource::Core, no_core)?;
-    rustix::process::umask(Mode::from_raw_mode(0o022));
-    rootfs::become_user(identity.uid, identity.gid)?;
-    // Learner processes are what the OOM killer should pick, never the agent. Writing our own
-    // oom_score_adj needs a dumpable process (the agent is not); raising needs no privilege.
-    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::Dumpable)?;
-    std::fs::write("/proc/self/oom_score_adj", "1000")?;
-    rustix::thread::set_no_new_privs(true)?;
-    sys::install_seccomp(&context.filter)
-}
-
-/// The command's environment: a fixed base, then the request's variables (which override it);
-/// nothing of the server's environment.
-fn environment_of(identity: &Identity, extra: &[(String, String)]) -> Vec<CString> {
-    let mut vars: Vec<(String, String)> = [
-        ("HOME", identity.home.as_str()),
-        ("USER", identity.name),
-        ("LOGNAME", identity.name),
-        ("PATH", PATH),
-        ("LANG", "C.UTF-8"),
-        ("TERM", "xterm"),
-        ("CODEOCEAN", "true"),
-    ]
-    .into_iter()
-    .map(|(name, value)| (name.to_owned(), value.to_owned()))
-    .collect();
-    for (name, value) in extra {
-        vars.retain(|(existing, _)| existing != name);
-        vars.push((name.clone(), value.clone()));
-    }
-    vars.into_iter()
-        .filter_map(|(name, value)| cstring(&format!("{name}={value}")).ok())
-        .collect()
-}
-
-fn cstring(text: &str) -> io::Result<CString> {
-    CString::new(text).map_err(|_| io::Error::other("NUL byte in the command or environment"))
 }

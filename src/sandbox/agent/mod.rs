@@ -9,6 +9,7 @@
 //! so concurrent operations need no lock. When the control socket closes, init exits and the
 //! kernel ends every process of the runner.
 
+mod command;
 mod exec;
 mod files;
 mod rootfs;
@@ -195,13 +196,17 @@ fn prepare(setup: &Setup, userns: OwnedFd) -> Result<Context, String> {
 fn serve(control: &OwnedFd, context: &Context) -> i32 {
     // Operation children are reaped by the kernel; the init never waits for them.
     sys::ignore_children(true);
+    let mut spare = exec::Spare::start(context).ok();
     let mut kind = [0; 16];
     loop {
         match protocol::recv_record(control.as_fd(), &mut kind, 1, false) {
             Ok((0, _)) => return 0,
             Ok((len, mut fds)) => {
-                if let Some(op) = fds.pop() {
-                    dispatch(&kind[..len], op, context);
+                let Some(op) = fds.pop() else { continue };
+                match &kind[..len] {
+                    EXECUTE => execute(op, &mut spare, context),
+                    FILES => files(op, context),
+                    _ => {}
                 }
             }
             Err(err) if err.kind() == std::io::ErrorKind::Other => continue,
@@ -210,35 +215,27 @@ fn serve(control: &OwnedFd, context: &Context) -> i32 {
     }
 }
 
-/// Starts the child that serves one operation socket.
-fn dispatch(kind: &[u8], op: OwnedFd, context: &Context) {
-    let execute = kind == EXECUTE;
-    if !execute && kind != FILES {
-        return;
-    }
-    // An execution gets its own pid namespace (its reaper is pid 1: when it exits, every
-    // process of the execution dies) and mount namespace (for a /proc of that pid namespace).
-    let forked = if execute {
-        sys::fork_into(libc::CLONE_NEWPID | libc::CLONE_NEWNS)
-    } else {
-        sys::fork()
+/// Hands an execution to the spare reaper (or a new one), then prepares the next spare while
+/// the execution runs.
+fn execute(op: OwnedFd, spare: &mut Option<exec::Spare>, context: &Context) {
+    let unserved = match spare.take() {
+        Some(ready) => ready.hand_over(op).err(),
+        None => Some(op),
     };
-    match forked {
-        Ok(Forked::Child) => {
-            let code = if execute {
-                exec::serve(op, context)
-            } else {
-                files::serve(op, context)
-            };
-            process::exit(code)
-        }
+    if let Some(op) = unserved {
+        exec::serve_new(op, context);
+    }
+    *spare = exec::Spare::start(context).ok();
+}
+
+/// Serves a file operation in a forked child.
+fn files(op: OwnedFd, context: &Context) {
+    match sys::fork() {
+        Ok(Forked::Child) => process::exit(files::serve(op, context)),
         Ok(Forked::Parent(_)) => {}
         Err(err) => {
-            let _ = protocol::send_reply(
-                op.as_fd(),
-                &Reply::Failed(format!("cannot fork: {err}")),
-                &[],
-            );
+            let reply = Reply::Failed(format!("cannot fork: {err}"));
+            let _ = protocol::send_reply(op.as_fd(), &reply, &[]);
         }
     }
 }

@@ -294,3 +294,37 @@ fn start_up_failures_name_what_is_missing() {
     );
     assert!(!state.exists());
 }
+
+#[test]
+fn the_seccomp_filter_refuses_what_learner_code_never_needs() {
+    let Some(test) = TestExecutor::new() else {
+        return;
+    };
+    let runner = test.runner();
+    let status = run(
+        &*runner,
+        "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status",
+    );
+    assert_eq!(status.stdout, "NoNewPrivs:\t1\r\nSeccomp:\t2\r\n");
+    for refused in [
+        "unshare -U true",
+        "unshare -n true",
+        "mount -t tmpfs none /tmp",
+        "chroot / true",
+    ] {
+        let attempt = run_root(&*runner, refused);
+        assert_ne!(
+            attempt.outcome,
+            Outcome::Exited(0),
+            "{refused}: {attempt:?}"
+        );
+        let message = attempt.stderr.to_lowercase();
+        let refused_message = message.contains("not permitted") || message.contains("denied");
+        assert!(refused_message, "{refused}: {attempt:?}");
+    }
+    // Ordinary process creation still works (clone without namespace flags).
+    assert_eq!(
+        run(&*runner, "(true) && echo $(echo nested)").stdout,
+        "nested\r\n"
+    );
+}

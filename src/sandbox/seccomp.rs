@@ -7,7 +7,8 @@
 //! flag test that rule-based builders do not express directly.
 
 use libc::{
-    BPF_ABS, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W, sock_filter,
+    BPF_ABS, BPF_JA, BPF_JEQ, BPF_JGE, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_RET, BPF_W,
+    sock_filter,
 };
 
 #[cfg(target_arch = "x86_64")]
@@ -92,96 +93,180 @@ const DENIED: &[libc::c_long] = &[
 #[derive(Clone, Copy)]
 enum Target {
     Next,
+    Label(usize),
+    Allow,
     CloneCheck,
     Deny,
     NoSys,
     Kill,
 }
 
-/// One instruction with symbolic jump targets.
+/// One instruction with symbolic jump targets: (code, k, true target, false target); for an
+/// unconditional jump the true target is where it goes.
 type Insn = (u32, u32, Target, Target);
 
-/// Builds the filter program. Classic BPF only jumps forward, so the layout is: checks, the
-/// deny list, "allow" for everything else, the `clone` flag check, then the shared returns.
+const LD: u32 = BPF_LD | BPF_W | BPF_ABS;
+const RET: u32 = BPF_RET | BPF_K;
+const JA: u32 = BPF_JMP | BPF_JA;
+const JEQ: u32 = BPF_JMP | BPF_JEQ | BPF_K;
+const JGE: u32 = BPF_JMP | BPF_JGE | BPF_K;
+const JSET: u32 = BPF_JMP | BPF_JSET | BPF_K;
+
+/// Builds the filter program. Classic BPF only jumps forward, so the layout is: checks, a
+/// binary search over the sorted deny list (the kernel evaluates the filter once per system
+/// call number when it is installed, so a short path matters), "allow", the `clone` flag
+/// check, then the shared returns.
 pub fn program() -> Vec<sock_filter> {
-    let (ld, ret) = (BPF_LD | BPF_W | BPF_ABS, BPF_RET | BPF_K);
-    let (jeq, jge, jset) = (
-        BPF_JMP | BPF_JEQ | BPF_K,
-        BPF_JMP | BPF_JGE | BPF_K,
-        BPF_JMP | BPF_JSET | BPF_K,
-    );
     let next = Target::Next;
     let mut code: Vec<Insn> = vec![
-        (ld, ARCH_OFFSET, next, next),
-        (jeq, AUDIT_ARCH, next, Target::Kill),
-        (ld, NR_OFFSET, next, next),
-        (jge, X32_SYSCALL_BIT, Target::Kill, next),
-        (jeq, libc::SYS_clone3 as u32, Target::NoSys, next),
-        (jeq, libc::SYS_clone as u32, Target::CloneCheck, next),
+        (LD, ARCH_OFFSET, next, next),
+        (JEQ, AUDIT_ARCH, next, Target::Kill),
+        (LD, NR_OFFSET, next, next),
+        (JGE, X32_SYSCALL_BIT, Target::Kill, next),
+        (JEQ, libc::SYS_clone3 as u32, Target::NoSys, next),
+        (JEQ, libc::SYS_clone as u32, Target::CloneCheck, next),
     ];
-    code.extend(
-        DENIED
-            .iter()
-            .map(|&nr| (jeq, nr as u32, Target::Deny, next)),
-    );
-    code.push((ret, libc::SECCOMP_RET_ALLOW, next, next));
+    let mut denied: Vec<u32> = DENIED.iter().map(|&nr| nr as u32).collect();
+    denied.sort_unstable();
+    let mut labels = Vec::new();
+    search(&mut code, &mut labels, &denied);
+    let allow = code.len();
+    code.push((RET, libc::SECCOMP_RET_ALLOW, next, next));
     let clone_check = code.len();
     // The flags are the low half of argument 0; namespace flags are refused.
-    code.push((ld, ARG0_OFFSET, next, next));
-    code.push((jset, NAMESPACE_FLAGS, Target::Deny, next));
-    code.push((ret, libc::SECCOMP_RET_ALLOW, next, next));
+    code.push((LD, ARG0_OFFSET, next, next));
+    code.push((JSET, NAMESPACE_FLAGS, Target::Deny, next));
+    code.push((RET, libc::SECCOMP_RET_ALLOW, next, next));
     let returns = code.len();
     code.push((
-        ret,
+        RET,
         libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
         next,
         next,
     ));
     code.push((
-        ret,
+        RET,
         libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
         next,
         next,
     ));
-    code.push((ret, libc::SECCOMP_RET_KILL_PROCESS, next, next));
-    let index = |target: Target, at: usize| -> u8 {
-        let absolute = match target {
-            Target::Next => at + 1,
-            Target::CloneCheck => clone_check,
-            Target::Deny => returns,
-            Target::NoSys => returns + 1,
-            Target::Kill => returns + 2,
-        };
-        // Every target lies ahead by fewer than 256 instructions: the list is short.
-        u8::try_from(absolute - at - 1).expect("seccomp jump out of range")
+    code.push((RET, libc::SECCOMP_RET_KILL_PROCESS, next, next));
+    let absolute = |target: Target, at: usize| match target {
+        Target::Next => at + 1,
+        Target::Label(label) => labels[label],
+        Target::Allow => allow,
+        Target::CloneCheck => clone_check,
+        Target::Deny => returns,
+        Target::NoSys => returns + 1,
+        Target::Kill => returns + 2,
     };
-    code.iter()
-        .enumerate()
-        .map(|(at, &(op, k, jt, jf))| sock_filter {
+    let resolve = |(op, k, jt, jf): Insn, at: usize| {
+        if op == JA {
+            let k = (absolute(jt, at) - at - 1) as u32;
+            return sock_filter {
+                code: op as u16,
+                jt: 0,
+                jf: 0,
+                k,
+            };
+        }
+        // Conditional jumps reach at most 255 instructions ahead; the program is far shorter.
+        let offset = |target| u8::try_from(absolute(target, at) - at - 1).expect("jump too far");
+        sock_filter {
             code: op as u16,
-            jt: index(jt, at),
-            jf: index(jf, at),
+            jt: offset(jt),
+            jf: offset(jf),
             k,
-        })
+        }
+    };
+    code.into_iter()
+        .enumerate()
+        .map(|(at, insn)| resolve(insn, at))
         .collect()
+}
+
+/// Emits a binary search for the system call number in `sorted`: found means "deny", not
+/// found jumps to "allow".
+fn search(code: &mut Vec<Insn>, labels: &mut Vec<usize>, sorted: &[u32]) {
+    if sorted.len() <= 3 {
+        code.extend(
+            sorted
+                .iter()
+                .map(|&nr| (JEQ, nr, Target::Deny, Target::Next)),
+        );
+        code.push((JA, 0, Target::Allow, Target::Allow));
+        return;
+    }
+    let middle = sorted.len() / 2;
+    let upper = labels.len();
+    labels.push(0);
+    code.push((JGE, sorted[middle], Target::Label(upper), Target::Next));
+    search(code, labels, &sorted[..middle]);
+    labels[upper] = code.len();
+    search(code, labels, &sorted[middle..]);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_jump_stays_inside_the_program() {
-        let program = program();
-        let jumps = program
-            .iter()
-            .enumerate()
-            .filter(|(_, insn)| insn.code as u32 & 0x07 == BPF_JMP);
-        for (at, insn) in jumps {
-            assert!(at + 1 + (insn.jt as usize) < program.len());
-            assert!(at + 1 + (insn.jf as usize) < program.len());
+    /// Runs the program like the kernel's classic BPF interpreter does for what it uses.
+    fn evaluate(program: &[sock_filter], arch: u32, nr: u32, arg0: u32) -> u32 {
+        let (mut pc, mut acc) = (0, 0);
+        loop {
+            let insn = program[pc];
+            pc += 1;
+            match u32::from(insn.code) {
+                LD => {
+                    acc = match insn.k {
+                        NR_OFFSET => nr,
+                        ARCH_OFFSET => arch,
+                        ARG0_OFFSET => arg0,
+                        other => panic!("load of offset {other}"),
+                    }
+                }
+                RET => return insn.k,
+                JA => pc += insn.k as usize,
+                op => {
+                    let taken = match op {
+                        JEQ => acc == insn.k,
+                        JGE => acc >= insn.k,
+                        JSET => acc & insn.k != 0,
+                        other => panic!("opcode {other:#x}"),
+                    };
+                    pc += usize::from(if taken { insn.jt } else { insn.jf });
+                }
+            }
         }
-        let last = program.last().unwrap();
-        assert_eq!(last.k, libc::SECCOMP_RET_KILL_PROCESS);
+    }
+
+    #[test]
+    fn the_filter_denies_exactly_the_list() {
+        let program = program();
+        let run = |nr: libc::c_long| evaluate(&program, AUDIT_ARCH, nr as u32, 0);
+        let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        for &nr in DENIED {
+            assert_eq!(run(nr), eperm, "system call {nr}");
+        }
+        for nr in 0..500 {
+            if !DENIED.contains(&nr) && nr != libc::SYS_clone3 {
+                assert_eq!(run(nr), libc::SECCOMP_RET_ALLOW, "system call {nr}");
+            }
+        }
+        assert_eq!(
+            run(libc::SYS_clone3),
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32
+        );
+        let clone = |flags: libc::c_int| {
+            evaluate(&program, AUDIT_ARCH, libc::SYS_clone as u32, flags as u32)
+        };
+        assert_eq!(clone(libc::SIGCHLD | libc::CLONE_NEWUSER), eperm);
+        assert_eq!(
+            clone(libc::SIGCHLD | libc::CLONE_VM),
+            libc::SECCOMP_RET_ALLOW
+        );
+        let kill = libc::SECCOMP_RET_KILL_PROCESS;
+        assert_eq!(evaluate(&program, 0x4000_0003, 0, 0), kill);
+        assert_eq!(evaluate(&program, AUDIT_ARCH, X32_SYSCALL_BIT | 1, 0), kill);
     }
 }

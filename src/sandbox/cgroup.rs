@@ -183,54 +183,18 @@ impl Cgroups {
     }
 
     fn apply(&self, group: &Group, limits: &Limits) -> io::Result<()> {
-        let Some(first) = group.dirs.first() else {
-            return Ok(());
-        };
-        let dir_of = |hierarchy: &Option<PathBuf>| {
-            hierarchy
-                .as_ref()
-                .map(|h| h.join(&self.name).join(group.runner()))
-        };
         match &self.layout {
             Layout::V1 { memory, pids, cpu } => {
-                let memory = memory.join(&self.name).join(group.runner());
-                if let Some(bytes) = limits.memory_bytes {
-                    write(&memory, "memory.limit_in_bytes", bytes)?;
-                    // Swap accounting may be off; where it is on, no swapping past the cap.
-                    let _ = write(&memory, "memory.memsw.limit_in_bytes", bytes);
-                }
-                write(
-                    &pids.join(&self.name).join(group.runner()),
-                    "pids.max",
-                    limits.pids,
-                )?;
-                if let Some(cpu) = dir_of(cpu) {
-                    if let Some(shares) = limits.cpu_shares {
-                        write(&cpu, "cpu.shares", shares)?;
-                    }
-                    if let Some(quota) = limits.cpu_quota_us {
-                        write(&cpu, "cpu.cfs_period_us", CPU_PERIOD_US)?;
-                        write(&cpu, "cpu.cfs_quota_us", quota)?;
-                    }
-                }
+                let dir = |root: &Path| root.join(&self.name).join(group.runner());
+                apply_v1(
+                    &dir(memory),
+                    &dir(pids),
+                    cpu.as_deref().map(dir).as_deref(),
+                    limits,
+                )
             }
-            Layout::V2 { cpu, .. } => {
-                if let Some(bytes) = limits.memory_bytes {
-                    write(first, "memory.max", bytes)?;
-                    let _ = write(first, "memory.swap.max", 0);
-                }
-                write(first, "pids.max", limits.pids)?;
-                if *cpu {
-                    if let Some(shares) = limits.cpu_shares {
-                        write(first, "cpu.weight", 1 + (shares - 2) * 9999 / 262_142)?;
-                    }
-                    if let Some(quota) = limits.cpu_quota_us {
-                        write(first, "cpu.max", format!("{quota} {CPU_PERIOD_US}"))?;
-                    }
-                }
-            }
+            Layout::V2 { cpu, .. } => apply_v2(&group.dirs[0], *cpu, limits),
         }
-        Ok(())
     }
 
     /// The group of a runner (whether or not it exists).
@@ -322,6 +286,43 @@ impl Group {
         }
         Ok(())
     }
+}
+
+fn apply_v1(memory: &Path, pids: &Path, cpu: Option<&Path>, limits: &Limits) -> io::Result<()> {
+    if let Some(bytes) = limits.memory_bytes {
+        write(memory, "memory.limit_in_bytes", bytes)?;
+        // Swap accounting may be off; where it is on, no swapping past the cap.
+        let _ = write(memory, "memory.memsw.limit_in_bytes", bytes);
+    }
+    write(pids, "pids.max", limits.pids)?;
+    if let Some(cpu) = cpu {
+        if let Some(shares) = limits.cpu_shares {
+            write(cpu, "cpu.shares", shares)?;
+        }
+        if let Some(quota) = limits.cpu_quota_us {
+            write(cpu, "cpu.cfs_period_us", CPU_PERIOD_US)?;
+            write(cpu, "cpu.cfs_quota_us", quota)?;
+        }
+    }
+    Ok(())
+}
+
+fn apply_v2(dir: &Path, cpu: bool, limits: &Limits) -> io::Result<()> {
+    if let Some(bytes) = limits.memory_bytes {
+        write(dir, "memory.max", bytes)?;
+        let _ = write(dir, "memory.swap.max", 0);
+    }
+    write(dir, "pids.max", limits.pids)?;
+    if cpu {
+        if let Some(shares) = limits.cpu_shares {
+            // The usual conversion of v1 shares [2, 262144] to v2 weights [1, 10000].
+            write(dir, "cpu.weight", 1 + (shares - 2) * 9999 / 262_142)?;
+        }
+        if let Some(quota) = limits.cpu_quota_us {
+            write(dir, "cpu.max", format!("{quota} {CPU_PERIOD_US}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn write(dir: &Path, file: &str, value: impl ToString) -> io::Result<()> {

@@ -112,6 +112,14 @@ const JEQ: u32 = BPF_JMP | BPF_JEQ | BPF_K;
 const JGE: u32 = BPF_JMP | BPF_JGE | BPF_K;
 const JSET: u32 = BPF_JMP | BPF_JSET | BPF_K;
 
+/// Where the shared parts of the program start.
+struct Layout {
+    labels: Vec<usize>,
+    allow: usize,
+    clone_check: usize,
+    returns: usize,
+}
+
 /// Builds the filter program. Classic BPF only jumps forward, so the layout is: checks, a
 /// binary search over the sorted deny list (the kernel evaluates the filter once per system
 /// call number when it is installed, so a short path matters), "allow", the `clone` flag
@@ -138,31 +146,42 @@ pub fn program() -> Vec<sock_filter> {
     code.push((JSET, NAMESPACE_FLAGS, Target::Deny, next));
     code.push((RET, libc::SECCOMP_RET_ALLOW, next, next));
     let returns = code.len();
-    code.push((
-        RET,
+    for action in [
         libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
-        next,
-        next,
-    ));
-    code.push((
-        RET,
         libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
-        next,
-        next,
-    ));
-    code.push((RET, libc::SECCOMP_RET_KILL_PROCESS, next, next));
-    let absolute = |target: Target, at: usize| match target {
-        Target::Next => at + 1,
-        Target::Label(label) => labels[label],
-        Target::Allow => allow,
-        Target::CloneCheck => clone_check,
-        Target::Deny => returns,
-        Target::NoSys => returns + 1,
-        Target::Kill => returns + 2,
+        libc::SECCOMP_RET_KILL_PROCESS,
+    ] {
+        code.push((RET, action, next, next));
+    }
+    let layout = Layout {
+        labels,
+        allow,
+        clone_check,
+        returns,
     };
-    let resolve = |(op, k, jt, jf): Insn, at: usize| {
+    code.into_iter()
+        .enumerate()
+        .map(|(at, insn)| layout.resolve(insn, at))
+        .collect()
+}
+
+impl Layout {
+    fn absolute(&self, target: Target, at: usize) -> usize {
+        match target {
+            Target::Next => at + 1,
+            Target::Label(label) => self.labels[label],
+            Target::Allow => self.allow,
+            Target::CloneCheck => self.clone_check,
+            Target::Deny => self.returns,
+            Target::NoSys => self.returns + 1,
+            Target::Kill => self.returns + 2,
+        }
+    }
+
+    /// The instruction at `at` with its jumps as offsets.
+    fn resolve(&self, (op, k, jt, jf): Insn, at: usize) -> sock_filter {
         if op == JA {
-            let k = (absolute(jt, at) - at - 1) as u32;
+            let k = (self.absolute(jt, at) - at - 1) as u32;
             return sock_filter {
                 code: op as u16,
                 jt: 0,
@@ -171,18 +190,16 @@ pub fn program() -> Vec<sock_filter> {
             };
         }
         // Conditional jumps reach at most 255 instructions ahead; the program is far shorter.
-        let offset = |target| u8::try_from(absolute(target, at) - at - 1).expect("jump too far");
+        let offset = |target| {
+            u8::try_from(self.absolute(target, at) - at - 1).expect("seccomp jump too far")
+        };
         sock_filter {
             code: op as u16,
             jt: offset(jt),
             jf: offset(jf),
             k,
         }
-    };
-    code.into_iter()
-        .enumerate()
-        .map(|(at, insn)| resolve(insn, at))
-        .collect()
+    }
 }
 
 /// Emits a binary search for the system call number in `sorted`: found means "deny", not

@@ -15,19 +15,15 @@ impl Manager {
         let (created, effects) = {
             let mut state = self.lock();
             let mut effects = Effects::default();
+            let version = state.next_version();
             let created = match state.environments.get_mut(&id) {
                 None => {
-                    let version = state.next_version();
-                    state
-                        .environments
-                        .insert(id, EnvState::new(environment, version));
+                    let env = EnvState::new(environment, version);
+                    state.environments.insert(id, env);
                     true
                 }
-                Some(_) => {
-                    let version = state.next_version();
-                    if let Some(env) = state.environments.get_mut(&id) {
-                        effects.destroy = env.redefine(environment, version);
-                    }
+                Some(env) => {
+                    effects.destroy = env.redefine(environment, version);
                     false
                 }
             };
@@ -35,7 +31,12 @@ impl Manager {
             (created, effects)
         };
         self.persist_environment(id)?;
+        let retired = effects.destroy.len();
         self.apply(effects);
+        match created {
+            true => log::info!("environment {id} created"),
+            false => log::info!("environment {id} updated ({retired} idle runners retired)"),
+        }
         Ok(created)
     }
 
@@ -63,7 +64,9 @@ impl Manager {
             effects
         };
         self.persist_environment(id)?;
+        let runners = effects.destroy.len();
         self.apply(effects);
+        log::info!("environment {id} deleted with {runners} runners");
         Ok(())
     }
 

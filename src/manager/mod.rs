@@ -25,7 +25,7 @@ use crate::{
     error::{Error, Result},
     executor::{Executor, Runner, RunnerSpec},
     id::{EnvironmentId, RunnerId},
-    store::{RunnerRecord, Store},
+    store::{RecordWriter, RunnerRecord, Store},
 };
 
 /// Stored executions per runner; older ones are dropped beyond this.
@@ -54,7 +54,9 @@ pub struct Limits {
 pub struct Manager {
     state: Mutex<State>,
     executor: Arc<dyn Executor>,
-    store: Store,
+    store: Arc<Store>,
+    /// Records claimed runners when the executor can take them back after a restart.
+    records: Option<RecordWriter>,
     /// Serializes writes of environment files (taken before, never inside, `state`).
     store_lock: Mutex<()>,
     timer: Sender<TimerCommand>,
@@ -81,16 +83,22 @@ impl Manager {
         limits: Limits,
         timer: Sender<TimerCommand>,
         jobs: Sender<Job>,
-    ) -> Manager {
-        Manager {
+    ) -> std::io::Result<Manager> {
+        let store = Arc::new(store);
+        let records = match executor.adopts() {
+            true => Some(RecordWriter::spawn(Arc::clone(&store))?),
+            false => None,
+        };
+        Ok(Manager {
             state: Mutex::new(State::default()),
             executor,
             store,
+            records,
             store_lock: Mutex::new(()),
             timer,
             jobs,
             limits,
-        }
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -115,10 +123,8 @@ impl Manager {
         for (stop, reason) in effects.stop {
             let _ = stop.try_send(reason);
         }
-        for id in effects.forget {
-            if let Err(err) = self.store.remove_runner(&id) {
-                log::warn!("cannot remove the record of runner {id}: {err}");
-            }
+        if let Some(records) = &self.records {
+            effects.forget.into_iter().for_each(|id| records.remove(id));
         }
         for runner in effects.destroy {
             runner.destroy();
@@ -215,11 +221,6 @@ impl Manager {
         now: Instant,
     ) -> Result<RunnerId> {
         let env = EnvironmentId(environment.id);
-        let record = RunnerRecord {
-            id: id.clone(),
-            inactivity_timeout: timeout.as_secs(),
-            environment: environment.clone(),
-        };
         let mut effects = Effects::default();
         {
             let mut state = self.lock();
@@ -233,8 +234,13 @@ impl Manager {
             state.insert_claimed(id.clone(), claimed);
             effects.jobs = state.refill(self.limits.capacity);
         }
-        if let Err(err) = self.store.save_runner(&record) {
-            log::warn!("cannot record runner {id}: {err}");
+        if let Some(records) = &self.records {
+            let inactivity_timeout = timeout.as_secs();
+            records.save(RunnerRecord {
+                id: id.clone(),
+                inactivity_timeout,
+                environment,
+            });
         }
         self.apply(effects);
         Ok(id)
@@ -321,6 +327,9 @@ impl Manager {
         self.apply(effects);
         for runner in claimed {
             runner.suspend();
+        }
+        if let Some(records) = &self.records {
+            records.flush();
         }
     }
 

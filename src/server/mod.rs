@@ -99,7 +99,7 @@ impl Server {
         let limits = Limits {
             capacity: config.runner.capacity,
         };
-        let manager = Arc::new(Manager::new(executor, store, limits, timer_tx, jobs_tx));
+        let manager = Arc::new(Manager::new(executor, store, limits, timer_tx, jobs_tx)?);
         manager.restore(Instant::now());
         let app = Arc::new(App {
             manager,

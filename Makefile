@@ -25,3 +25,6 @@ examples: ## build the examples
 	cargo build --locked --examples
 
 ci: lint test doc examples ## everything CI checks
+
+bench: ## performance dashboard: release server, both executors, table + target/bench/results.json
+	cargo bench --locked --bench dashboard

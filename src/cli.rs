@@ -52,6 +52,10 @@ pub struct Cli {
     /// accepting output before it is dropped [default: 30].
     #[arg(long, env = "POSEIDON_SERVER_WEBSOCKET_TIMEOUT_SECS")]
     pub websocket_timeout_secs: Option<u64>,
+    /// server.http_timeout_secs: an HTTP connection silent this long (idle, or stalled while
+    /// sending a request or taking a response) is closed [default: 60].
+    #[arg(long, env = "POSEIDON_SERVER_HTTP_TIMEOUT_SECS")]
+    pub http_timeout_secs: Option<u64>,
     /// server.release: version string served by /version [default: the crate version].
     #[arg(long, env = "POSEIDON_SERVER_RELEASE")]
     pub release: Option<String>,

@@ -52,6 +52,10 @@ pub struct ServerConfig {
     pub prewarming_pool_threshold: f64,
     /// How long a WebSocket client may take for its handshake and may stall output, in seconds.
     pub websocket_timeout_secs: u64,
+    /// How long an HTTP connection may stay silent (idle between requests, or stalled while
+    /// sending a request or receiving a response) before it is closed, in seconds. Keep it
+    /// above 5: CodeOcean's client reuses connections idle for up to 5 s.
+    pub http_timeout_secs: u64,
     /// Version string served by `/version`.
     pub release: Option<String>,
 }
@@ -69,6 +73,7 @@ impl Default for ServerConfig {
             max_message_bytes: 1 << 20,
             prewarming_pool_threshold: 0.0,
             websocket_timeout_secs: 30,
+            http_timeout_secs: 60,
             release: None,
         }
     }

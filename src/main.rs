@@ -27,6 +27,7 @@ fn run() -> Result<(), String> {
         .parse_filters(&config.logger.level)
         .format_timestamp_micros()
         .init();
+    raise_file_limit();
     // Registered before the server starts so that no signal arrives unhandled.
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|err| err.to_string())?;
     let server = poseidon_lite::Server::bind(config).map_err(|err| err.to_string())?;
@@ -36,4 +37,16 @@ fn run() -> Result<(), String> {
     }
     handle.shutdown();
     Ok(())
+}
+
+/// Every connection, execution and runner takes descriptors: allow as many as permitted.
+fn raise_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(err) = setrlimit(Resource::Nofile, limit) {
+            log::warn!("cannot raise the open file limit: {err}");
+        }
+    }
 }

@@ -4,7 +4,11 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
+    sync::Arc,
+    thread,
 };
+
+use crossbeam_channel::Sender;
 
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +78,64 @@ impl Store {
     /// Reads every runner record.
     pub fn runners(&self) -> Vec<RunnerRecord> {
         read_all(&self.runners)
+    }
+}
+
+/// What the record writer is asked to do.
+#[derive(Debug)]
+enum RecordOp {
+    Save(Box<RunnerRecord>),
+    Remove(RunnerId),
+    Flush(Sender<()>),
+}
+
+/// Writes runner records on a thread of its own, in the order they were asked for, so that
+/// claiming and destroying runners never wait for the file system.
+#[derive(Debug, Clone)]
+pub struct RecordWriter {
+    ops: Sender<RecordOp>,
+}
+
+impl RecordWriter {
+    /// Starts the writer; it ends when the last clone is dropped.
+    pub fn spawn(store: Arc<Store>) -> io::Result<RecordWriter> {
+        let (ops, queue) = crossbeam_channel::unbounded();
+        thread::Builder::new()
+            .name("records".into())
+            .spawn(move || {
+                for op in queue {
+                    let result = match op {
+                        RecordOp::Save(record) => store.save_runner(&record),
+                        RecordOp::Remove(id) => store.remove_runner(&id),
+                        RecordOp::Flush(done) => {
+                            let _ = done.send(());
+                            Ok(())
+                        }
+                    };
+                    if let Err(err) = result {
+                        log::warn!("cannot update a runner record: {err}");
+                    }
+                }
+            })?;
+        Ok(RecordWriter { ops })
+    }
+
+    /// Records a claimed runner.
+    pub fn save(&self, record: RunnerRecord) {
+        let _ = self.ops.send(RecordOp::Save(Box::new(record)));
+    }
+
+    /// Forgets a runner.
+    pub fn remove(&self, id: RunnerId) {
+        let _ = self.ops.send(RecordOp::Remove(id));
+    }
+
+    /// Waits until everything asked for so far is written.
+    pub fn flush(&self) {
+        let (done, flushed) = crossbeam_channel::bounded(1);
+        if self.ops.send(RecordOp::Flush(done)).is_ok() {
+            let _ = flushed.recv();
+        }
     }
 }
 

@@ -118,19 +118,15 @@ impl<'de> Deserialize<'de> for KeyOrder {
     }
 }
 
-/// Runs learner code that plants links (an idempotent command). It is retried because short
-/// commands sometimes end with exit 129 (a hangup), an execution bug this file does not test.
+/// Runs learner code that plants files or links.
 #[track_caller]
 fn plant(server: &TestServer, runner: &str, command: &str) {
-    let mut ends = Vec::new();
-    for _ in 0..5 {
-        let transcript = server.run(runner, command);
-        if transcript.exit_code() == Some(0) {
-            return;
-        }
-        ends.push(transcript.end);
-    }
-    panic!("cannot run {command:?}: {ends:?}");
+    let transcript = server.run(runner, command);
+    assert_eq!(
+        transcript.exit_code(),
+        Some(0),
+        "cannot run {command:?}: {transcript:?}"
+    );
 }
 
 /// A directory outside every runner holding one file, to check that nothing reaches it.

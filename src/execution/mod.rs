@@ -112,6 +112,23 @@ struct Pump {
     outcome: Option<(Outcome, Instant)>,
 }
 
+/// The terminal's `ONLCR` output mapping: every `\n` becomes `\r\n`, exactly what the kernel
+/// would produce with its output processing on (see [`crate::executor::pty`]).
+pub fn onlcr(bytes: &[u8]) -> Vec<u8> {
+    let newlines = bytes.iter().filter(|b| **b == b'\n').count();
+    let mut mapped = Vec::with_capacity(bytes.len() + newlines);
+    for line in bytes.split_inclusive(|b| *b == b'\n') {
+        match line.split_last() {
+            Some((b'\n', text)) => {
+                mapped.extend_from_slice(text);
+                mapped.extend_from_slice(b"\r\n");
+            }
+            _ => mapped.extend_from_slice(line),
+        }
+    }
+    mapped
+}
+
 /// Indices of the descriptors polled.
 const PTY: usize = 0;
 const STDERR: usize = 1;
@@ -226,15 +243,8 @@ impl Pump {
         };
         let ended = match rustix::io::read(fd, &mut *buffer) {
             Ok(0) | Err(Errno::IO) => true,
-            Ok(n) => {
-                let chunk = buffer[..n].to_vec();
-                let event = if terminal {
-                    Event::Stdout(chunk)
-                } else {
-                    Event::Stderr(chunk)
-                };
-                return self.send(event);
-            }
+            Ok(n) if terminal => return self.send(Event::Stdout(onlcr(&buffer[..n]))),
+            Ok(n) => return self.send(Event::Stderr(buffer[..n].to_vec())),
             Err(Errno::AGAIN) | Err(Errno::INTR) => false,
             Err(errno) => {
                 log::debug!("reading execution output failed: {errno}");
@@ -275,5 +285,19 @@ impl Pump {
             Err(Errno::AGAIN) | Err(Errno::INTR) => {}
             Err(_) => self.pending.clear(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::onlcr;
+
+    #[test]
+    fn newlines_become_carriage_return_newline_as_on_a_terminal() {
+        assert_eq!(onlcr(b"a\nb\n"), b"a\r\nb\r\n");
+        assert_eq!(onlcr(b"\r\n"), b"\r\r\n");
+        assert_eq!(onlcr(b"no newline"), b"no newline");
+        assert_eq!(onlcr(b"\n\n"), b"\r\n\r\n");
+        assert!(onlcr(b"").is_empty());
     }
 }

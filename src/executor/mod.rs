@@ -148,6 +148,11 @@ pub trait Executor: Send + Sync + fmt::Debug {
     /// Creates a new runner; may take milliseconds, so it is called off the request path
     /// (or on it, when the pool is empty).
     fn create(&self, id: &crate::id::RunnerId, spec: &RunnerSpec) -> Result<Arc<dyn Runner>>;
+    /// Whether [`Executor::adopt`] can take runners back after a restart; only then are
+    /// claimed runners recorded in the state directory.
+    fn adopts(&self) -> bool {
+        false
+    }
     /// Takes back a runner that existed before a restart, if its resources survived.
     fn adopt(&self, id: &crate::id::RunnerId, spec: &RunnerSpec) -> Option<Arc<dyn Runner>>;
     /// Removes everything left over by an earlier run except the runners in `keep`.

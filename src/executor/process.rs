@@ -78,6 +78,10 @@ impl Executor for ProcessExecutor {
         self.runner(id)
     }
 
+    fn adopts(&self) -> bool {
+        true
+    }
+
     fn adopt(&self, id: &RunnerId, _spec: &RunnerSpec) -> Option<Arc<dyn Runner>> {
         self.runner(id).ok()
     }

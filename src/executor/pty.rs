@@ -1,12 +1,18 @@
 //! Pseudo-terminals for executions: the command gets the slave as stdin and stdout, the server
-//! keeps the master. Echo, `\n` → `\r\n` and `^C` → SIGINT come from the kernel's defaults.
+//! keeps the master. Echo, line editing and `^C` → SIGINT come from the kernel's defaults;
+//! output post-processing (`\n` → `\r\n`) is switched off here and done by the server
+//! ([`crate::execution::onlcr`]): the kernel does it character by character, which makes
+//! line-heavy output several times slower.
 
-use std::{io, os::fd::OwnedFd};
+use std::{
+    io,
+    os::fd::{AsFd, OwnedFd},
+};
 
 use rustix::{
     fs::{Mode, OFlags},
     pty::OpenptFlags,
-    termios::Winsize,
+    termios::{OptionalActions, OutputModes, Winsize},
 };
 
 /// Window size reported to programs that ask.
@@ -29,6 +35,15 @@ pub fn open() -> io::Result<(OwnedFd, OwnedFd)> {
         OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    rustix::termios::tcsetwinsize(&master, SIZE)?;
+    configure(&master)?;
     Ok((master, slave))
+}
+
+/// Sets the window size and switches the kernel's output processing off (see the module docs).
+pub fn configure(master: &impl AsFd) -> io::Result<()> {
+    rustix::termios::tcsetwinsize(master, SIZE)?;
+    let mut termios = rustix::termios::tcgetattr(master)?;
+    termios.output_modes.remove(OutputModes::OPOST);
+    rustix::termios::tcsetattr(master, OptionalActions::Now, &termios)?;
+    Ok(())
 }

@@ -2,6 +2,8 @@
 //! all behind ONE mutex. Nothing slow happens under the lock: runners are created and
 //! destroyed, files written and channels used only after it is released.
 
+mod environments;
+mod execution;
 pub mod prewarm;
 mod state;
 pub mod timer;
@@ -11,18 +13,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 
+pub use execution::{ActiveGuard, PendingExecution, StartedExecution};
 pub use prewarm::Job;
 use state::{Claimed, EnvState, State};
 pub use timer::TimerCommand;
 
 use crate::{
-    dto::{Environment, EnvironmentStatistics},
+    dto::Environment,
     error::{Error, Result},
-    executor::{Command, Executor, Runner, RunnerSpec},
-    id::{EnvironmentId, ExecutionId, RunnerId},
-    store::{RunnerRecord, Store},
+    executor::{Executor, Runner, RunnerSpec},
+    id::{EnvironmentId, RunnerId},
+    store::{RecordWriter, RunnerRecord, Store},
 };
 
 /// Stored executions per runner; older ones are dropped beyond this.
@@ -39,44 +42,6 @@ pub enum StopReason {
     Shutdown,
 }
 
-/// An execution stored by `POST /execute`, waiting for its WebSocket.
-#[derive(Debug, Clone)]
-pub struct PendingExecution {
-    /// What to run.
-    pub command: Command,
-    /// Time limit; `None` = unlimited.
-    pub time_limit: Option<Duration>,
-}
-
-/// A stored execution taken for running.
-#[derive(Debug)]
-pub struct StartedExecution {
-    /// The runner to run it in.
-    pub runner: Arc<dyn Runner>,
-    /// The stored request.
-    pub pending: PendingExecution,
-    /// Receives a reason when the execution must stop because of its runner.
-    pub stop: Receiver<StopReason>,
-    /// Unregisters the execution from its runner when dropped.
-    pub guard: ActiveGuard,
-}
-
-/// Keeps an execution registered with its runner while it runs.
-#[derive(Debug)]
-pub struct ActiveGuard {
-    manager: Arc<Manager>,
-    runner: RunnerId,
-    token: u64,
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        if let Some(claimed) = self.manager.lock().runners.get_mut(&self.runner) {
-            claimed.active.remove(&self.token);
-        }
-    }
-}
-
 /// Limits the manager works within.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -89,7 +54,9 @@ pub struct Limits {
 pub struct Manager {
     state: Mutex<State>,
     executor: Arc<dyn Executor>,
-    store: Store,
+    store: Arc<Store>,
+    /// Records claimed runners when the executor can take them back after a restart.
+    records: Option<RecordWriter>,
     /// Serializes writes of environment files (taken before, never inside, `state`).
     store_lock: Mutex<()>,
     timer: Sender<TimerCommand>,
@@ -116,16 +83,22 @@ impl Manager {
         limits: Limits,
         timer: Sender<TimerCommand>,
         jobs: Sender<Job>,
-    ) -> Manager {
-        Manager {
+    ) -> std::io::Result<Manager> {
+        let store = Arc::new(store);
+        let records = match executor.adopts() {
+            true => Some(RecordWriter::spawn(Arc::clone(&store))?),
+            false => None,
+        };
+        Ok(Manager {
             state: Mutex::new(State::default()),
             executor,
             store,
+            records,
             store_lock: Mutex::new(()),
             timer,
             jobs,
             limits,
-        }
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -150,10 +123,8 @@ impl Manager {
         for (stop, reason) in effects.stop {
             let _ = stop.try_send(reason);
         }
-        for id in effects.forget {
-            if let Err(err) = self.store.remove_runner(&id) {
-                log::warn!("cannot remove the record of runner {id}: {err}");
-            }
+        if let Some(records) = &self.records {
+            effects.forget.into_iter().for_each(|id| records.remove(id));
         }
         for runner in effects.destroy {
             runner.destroy();
@@ -209,122 +180,6 @@ impl Manager {
         self.apply(effects);
     }
 
-    /// Creates or replaces an environment; `true` if it is new.
-    pub fn put_environment(&self, id: EnvironmentId, environment: Environment) -> Result<bool> {
-        self.executor.check_image(&environment.image)?;
-        let environment = environment.with_id(id);
-        let (created, effects) = {
-            let mut state = self.lock();
-            let mut effects = Effects::default();
-            let created = match state.environments.get_mut(&id) {
-                None => {
-                    let version = state.next_version();
-                    state
-                        .environments
-                        .insert(id, EnvState::new(environment, version));
-                    true
-                }
-                Some(_) => {
-                    let version = state.next_version();
-                    if let Some(env) = state.environments.get_mut(&id) {
-                        effects.destroy = env.redefine(environment, version);
-                    }
-                    false
-                }
-            };
-            effects.jobs = state.refill(self.limits.capacity);
-            (created, effects)
-        };
-        self.persist_environment(id)?;
-        self.apply(effects);
-        Ok(created)
-    }
-
-    /// Removes an environment with all its runners.
-    pub fn delete_environment(&self, id: EnvironmentId) -> Result<()> {
-        let effects = {
-            let mut state = self.lock();
-            let env = state
-                .environments
-                .remove(&id)
-                .ok_or(Error::UnknownEnvironmentEmpty)?;
-            let mut effects = Effects::default();
-            effects
-                .destroy
-                .extend(env.idle.into_iter().map(|(_, runner)| runner));
-            let ids: Vec<RunnerId> = state
-                .runners
-                .iter()
-                .filter(|(_, c)| c.env == id)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for runner_id in ids {
-                state.remove_claimed(&runner_id, StopReason::RunnerDeleted, &mut effects);
-            }
-            effects
-        };
-        self.persist_environment(id)?;
-        self.apply(effects);
-        Ok(())
-    }
-
-    /// Writes the current definition of an environment (or removes its file).
-    fn persist_environment(&self, id: EnvironmentId) -> Result<()> {
-        let _writing = self.store_lock.lock().expect("store lock poisoned");
-        let current = self
-            .lock()
-            .environments
-            .get(&id)
-            .map(|env| env.spec.clone());
-        match current {
-            Some(environment) => self.store.save_environment(&environment),
-            None => self.store.remove_environment(id),
-        }
-        .map_err(|err| Error::internal("cannot persist the environment", err))
-    }
-
-    /// All environments, ordered by id.
-    pub fn environments(&self) -> Vec<Environment> {
-        self.lock()
-            .environments
-            .values()
-            .map(|env| env.spec.clone())
-            .collect()
-    }
-
-    /// One environment.
-    pub fn environment(&self, id: EnvironmentId) -> Result<Environment> {
-        let state = self.lock();
-        state
-            .environments
-            .get(&id)
-            .map(|env| env.spec.clone())
-            .ok_or(Error::UnknownEnvironmentEmpty)
-    }
-
-    /// Pool statistics of every environment.
-    pub fn statistics(&self) -> Vec<EnvironmentStatistics> {
-        self.lock()
-            .environments
-            .values()
-            .map(EnvState::statistics)
-            .collect()
-    }
-
-    /// Environments whose idle pool is below `threshold` of its size.
-    pub fn depleted(&self, threshold: f64) -> Vec<EnvironmentId> {
-        let state = self.lock();
-        state
-            .environments
-            .iter()
-            .filter(|(_, env)| {
-                let size = env.spec.prewarming_pool_size;
-                size > 0 && (env.idle.len() as f64 / f64::from(size)) < threshold
-            })
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
     /// Claims a runner of `env`: an idle one, or a new one while capacity remains.
     pub fn claim(self: &Arc<Self>, env: EnvironmentId, timeout: Duration) -> Result<RunnerId> {
         let now = Instant::now();
@@ -366,11 +221,6 @@ impl Manager {
         now: Instant,
     ) -> Result<RunnerId> {
         let env = EnvironmentId(environment.id);
-        let record = RunnerRecord {
-            id: id.clone(),
-            inactivity_timeout: timeout.as_secs(),
-            environment: environment.clone(),
-        };
         let mut effects = Effects::default();
         {
             let mut state = self.lock();
@@ -384,8 +234,13 @@ impl Manager {
             state.insert_claimed(id.clone(), claimed);
             effects.jobs = state.refill(self.limits.capacity);
         }
-        if let Err(err) = self.store.save_runner(&record) {
-            log::warn!("cannot record runner {id}: {err}");
+        if let Some(records) = &self.records {
+            let inactivity_timeout = timeout.as_secs();
+            records.save(RunnerRecord {
+                id: id.clone(),
+                inactivity_timeout,
+                environment,
+            });
         }
         self.apply(effects);
         Ok(id)
@@ -430,64 +285,6 @@ impl Manager {
         }
     }
 
-    /// Stores an execution for a later WebSocket connection (does not restart the timer).
-    pub fn store_execution(&self, id: &RunnerId, pending: PendingExecution) -> Result<ExecutionId> {
-        let mut state = self.lock();
-        let claimed = state
-            .runners
-            .get_mut(id)
-            .ok_or_else(|| Error::unknown_runner(id))?;
-        let execution = ExecutionId::new();
-        if claimed.pending.len() >= MAX_PENDING_EXECUTIONS {
-            claimed.pending.pop_front();
-        }
-        claimed.pending.push_back((execution, pending));
-        Ok(execution)
-    }
-
-    /// Takes a stored execution for running (single use) and restarts the runner's timer.
-    pub fn start_execution(
-        self: &Arc<Self>,
-        id: &RunnerId,
-        execution: ExecutionId,
-    ) -> Result<StartedExecution> {
-        let now = Instant::now();
-        let (stop_tx, stop) = crossbeam_channel::bounded(1);
-        let (runner, pending, token, arm) = {
-            let mut state = self.lock();
-            let token = state.next_token();
-            let claimed = state
-                .runners
-                .get_mut(id)
-                .ok_or_else(|| Error::unknown_runner(id))?;
-            let index = claimed.pending.iter().position(|(e, _)| *e == execution);
-            let (_, pending) = index
-                .and_then(|index| claimed.pending.remove(index))
-                .ok_or(Error::UnknownExecution)?;
-            claimed.active.insert(token, stop_tx);
-            (
-                claimed.runner.clone(),
-                pending,
-                token,
-                claimed.rearm(id, now),
-            )
-        };
-        if let Some(command) = arm {
-            let _ = self.timer.send(command);
-        }
-        let guard = ActiveGuard {
-            manager: Arc::clone(self),
-            runner: id.clone(),
-            token,
-        };
-        Ok(StartedExecution {
-            runner,
-            pending,
-            stop,
-            guard,
-        })
-    }
-
     /// Called by the timer: destroys the runner if this arming is still its latest.
     pub fn expire(&self, id: &RunnerId, generation: u64) {
         let mut effects = Effects::default();
@@ -505,62 +302,6 @@ impl Manager {
             effects.jobs = state.refill(self.limits.capacity);
         }
         self.apply(effects);
-    }
-
-    /// Called by a prewarm thread with the runner it created (or failed to create).
-    pub fn prewarmed(&self, job: &Job, runner: Result<(RunnerId, Arc<dyn Runner>)>) {
-        let mut effects = Effects::default();
-        {
-            let mut state = self.lock();
-            state.creating -= 1;
-            let closing = state.closing;
-            let env = state.environments.get_mut(&job.environment);
-            let current = env.filter(|env| env.version == job.version);
-            match (current, runner) {
-                (Some(env), Ok((id, runner))) => {
-                    env.creating -= 1;
-                    env.failures = 0;
-                    if env.idle.len() < env.spec.prewarming_pool_size as usize && !closing {
-                        env.idle.push_back((id, runner));
-                    } else {
-                        effects.destroy.push(runner);
-                    }
-                }
-                (Some(env), Err(err)) => {
-                    env.creating -= 1;
-                    env.failures = env.failures.saturating_add(1);
-                    log::warn!(
-                        "cannot prewarm a runner for environment {}: {err}",
-                        job.environment
-                    );
-                }
-                (None, Ok((_, runner))) => effects.destroy.push(runner),
-                (None, Err(_)) => {}
-            }
-            if !state.closing {
-                effects.jobs = state.refill(self.limits.capacity);
-            }
-        }
-        self.apply(effects);
-    }
-
-    /// Called by a prewarm thread for a job that is no longer wanted.
-    pub fn prewarm_cancelled(&self, job: &Job) {
-        let mut state = self.lock();
-        state.creating -= 1;
-        if let Some(env) = state.environments.get_mut(&job.environment)
-            && env.version == job.version
-        {
-            env.creating -= 1;
-        }
-    }
-
-    /// The spec to build for a prewarm job, if the job is still wanted.
-    pub fn job_spec(&self, job: &Job) -> Option<(RunnerSpec, u32)> {
-        let state = self.lock();
-        let env = state.environments.get(&job.environment)?;
-        (env.version == job.version && !state.closing)
-            .then(|| (runner_spec(&env.spec), env.failures))
     }
 
     /// Stops every execution and destroys every runner.
@@ -586,6 +327,9 @@ impl Manager {
         self.apply(effects);
         for runner in claimed {
             runner.suspend();
+        }
+        if let Some(records) = &self.records {
+            records.flush();
         }
     }
 

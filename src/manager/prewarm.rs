@@ -6,8 +6,12 @@ use std::{sync::Arc, thread, time::Duration};
 
 use crossbeam_channel::{Receiver, after, select};
 
-use super::Manager;
-use crate::id::{EnvironmentId, RunnerId};
+use super::{Effects, Manager, runner_spec};
+use crate::{
+    error::Result,
+    executor::{Runner, RunnerSpec},
+    id::{EnvironmentId, RunnerId},
+};
 
 /// Longest pause between two failed creations for one environment.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -64,5 +68,63 @@ fn work(manager: &Manager, jobs: &Receiver<Job>, stop: &Receiver<()>) {
             .create(&id, &spec)
             .map(|runner| (id, runner));
         manager.prewarmed(&job, created);
+    }
+}
+
+impl Manager {
+    /// Called by a prewarm thread with the runner it created (or failed to create).
+    pub fn prewarmed(&self, job: &Job, runner: Result<(RunnerId, Arc<dyn Runner>)>) {
+        let mut effects = Effects::default();
+        {
+            let mut state = self.lock();
+            state.creating -= 1;
+            let closing = state.closing;
+            let env = state.environments.get_mut(&job.environment);
+            let current = env.filter(|env| env.version == job.version);
+            match (current, runner) {
+                (Some(env), Ok((id, runner))) => {
+                    env.creating -= 1;
+                    env.failures = 0;
+                    if env.idle.len() < env.spec.prewarming_pool_size as usize && !closing {
+                        env.idle.push_back((id, runner));
+                    } else {
+                        effects.destroy.push(runner);
+                    }
+                }
+                (Some(env), Err(err)) => {
+                    env.creating -= 1;
+                    env.failures = env.failures.saturating_add(1);
+                    log::warn!(
+                        "cannot prewarm a runner for environment {}: {err}",
+                        job.environment
+                    );
+                }
+                (None, Ok((_, runner))) => effects.destroy.push(runner),
+                (None, Err(_)) => {}
+            }
+            if !state.closing {
+                effects.jobs = state.refill(self.limits.capacity);
+            }
+        }
+        self.apply(effects);
+    }
+
+    /// Called by a prewarm thread for a job that is no longer wanted.
+    pub fn prewarm_cancelled(&self, job: &Job) {
+        let mut state = self.lock();
+        state.creating -= 1;
+        if let Some(env) = state.environments.get_mut(&job.environment)
+            && env.version == job.version
+        {
+            env.creating -= 1;
+        }
+    }
+
+    /// The spec to build for a prewarm job, if the job is still wanted.
+    pub fn job_spec(&self, job: &Job) -> Option<(RunnerSpec, u32)> {
+        let state = self.lock();
+        let env = state.environments.get(&job.environment)?;
+        (env.version == job.version && !state.closing)
+            .then(|| (runner_spec(&env.spec), env.failures))
     }
 }

@@ -1,6 +1,8 @@
-//! Binding, threads and shutdown: the tiny_http accept loop feeding a worker pool over a
-//! channel, the WebSocket listener, the timer, the thread returning expired runners, and the
-//! prewarm threads.
+//! Binding, threads and shutdown: the HTTP listener feeding a worker pool over a channel, the
+//! WebSocket listener, the timer, the thread returning expired runners, and the prewarm
+//! threads.
+
+mod http;
 
 use std::{
     fmt,
@@ -14,7 +16,8 @@ use std::{
 };
 
 use crossbeam_channel::{Receiver, Sender};
-use rustix::net::sockopt::{self, Timeout};
+
+use self::http::HttpListener;
 
 use crate::{
     api::{self, App},
@@ -25,14 +28,10 @@ use crate::{
     store::Store,
 };
 
-/// How long an HTTP connection may stay silent (idle keep-alive, or a stalled request or
-/// response) before it is closed. Longer than the 5 s after which CodeOcean's client stops
-/// reusing idle connections, so a reused connection is never closed under it.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// A bound but not yet running server.
 pub struct Server {
-    http: Arc<tiny_http::Server>,
+    http: Arc<HttpListener>,
+    requests: Receiver<tiny_http::Request>,
     http_addr: SocketAddr,
     websocket: TcpListener,
     websocket_addr: SocketAddr,
@@ -77,18 +76,15 @@ impl Server {
     /// Like [`Server::bind`] with a given executor.
     pub fn with_executor(config: Config, executor: Arc<dyn Executor>) -> Result<Server> {
         let address = config.server.address;
-        let listener = TcpListener::bind((address, config.server.port)).map_err(|err| {
-            Error::internal(
-                &format!("cannot listen on {address}:{}", config.server.port),
-                err,
-            )
-        })?;
-        // Accepted sockets inherit these timeouts, which tiny_http has no setting for.
-        sockopt::set_socket_timeout(&listener, Timeout::Recv, Some(HTTP_TIMEOUT))?;
-        sockopt::set_socket_timeout(&listener, Timeout::Send, Some(HTTP_TIMEOUT))?;
-        let http_addr = listener.local_addr()?;
-        let http = tiny_http::Server::from_listener(listener, None)
-            .map_err(|err| Error::internal("cannot start the HTTP server", err))?;
+        let timeout = Duration::from_secs(config.server.http_timeout_secs.max(1));
+        let (requests_tx, requests) = crossbeam_channel::bounded(64);
+        let http = HttpListener::bind(address, config.server.port, timeout, requests_tx).map_err(
+            |err| {
+                let port = config.server.port;
+                Error::internal(&format!("cannot listen on {address}:{port}"), err)
+            },
+        )?;
+        let http_addr = http.addr();
         let ws_port = config.server.websocket_port();
         let websocket = TcpListener::bind((address, ws_port)).map_err(|err| {
             Error::internal(&format!("cannot listen on {address}:{ws_port}"), err)
@@ -103,7 +99,7 @@ impl Server {
         let limits = Limits {
             capacity: config.runner.capacity,
         };
-        let manager = Arc::new(Manager::new(executor, store, limits, timer_tx, jobs_tx));
+        let manager = Arc::new(Manager::new(executor, store, limits, timer_tx, jobs_tx)?);
         manager.restore(Instant::now());
         let app = Arc::new(App {
             manager,
@@ -113,6 +109,7 @@ impl Server {
         });
         Ok(Server {
             http: Arc::new(http),
+            requests,
             http_addr,
             websocket,
             websocket_addr,
@@ -137,11 +134,10 @@ impl Server {
     pub fn spawn(self) -> Result<ServerHandle> {
         let named = |name: &str| thread::Builder::new().name(name.to_owned());
         let mut threads = Vec::new();
-        let (requests_tx, requests) = crossbeam_channel::bounded::<tiny_http::Request>(64);
-        let http = Arc::clone(&self.http);
-        threads.push(named("http-accept").spawn(move || accept(&http, &requests_tx))?);
+        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        self.http.start(stop.clone())?;
         for index in 0..self.config.server.workers.max(1) {
-            let (app, requests) = (Arc::clone(&self.app), requests.clone());
+            let (app, requests) = (Arc::clone(&self.app), self.requests.clone());
             let worker = named(&format!("http-{index}")).spawn(move || {
                 for request in requests {
                     api::dispatch(&app, request);
@@ -149,7 +145,6 @@ impl Server {
             })?;
             threads.push(worker);
         }
-        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
         let (expired_tx, expired) = crossbeam_channel::unbounded();
         threads.push(timer::spawn(self.timer, expired_tx, stop.clone())?);
         let manager = Arc::clone(&self.app.manager);
@@ -189,17 +184,9 @@ impl Server {
     }
 }
 
-fn accept(http: &tiny_http::Server, requests: &Sender<tiny_http::Request>) {
-    while let Ok(request) = http.recv() {
-        if requests.send(request).is_err() {
-            return;
-        }
-    }
-}
-
 /// A running server.
 pub struct ServerHandle {
-    http: Arc<tiny_http::Server>,
+    http: Arc<HttpListener>,
     http_addr: SocketAddr,
     websocket_addr: SocketAddr,
     app: Arc<App>,
@@ -248,10 +235,10 @@ impl ServerHandle {
     fn stop_now(&mut self) {
         let Some(stop) = self.stop.take() else { return };
         log::info!("shutting down");
-        self.http.unblock();
         self.websocket_stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(self.websocket_addr);
         drop(stop);
+        self.http.stop();
         for thread in self.prewarmers.drain(..) {
             let _ = thread.join();
         }

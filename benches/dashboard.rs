@@ -1,0 +1,183 @@
+//! `make bench`: the performance dashboard of DESIGN.md's "Performance targets".
+//!
+//! For the `process` and the `sandbox` executor in turn, it starts the release server binary
+//! as a subprocess on ephemeral ports with a fresh state directory and measures, over HTTP
+//! (ureq) and WebSocket (tungstenite) as CodeOcean drives it: claim latency of a prewarmed
+//! runner, execute round trips of `true` (against a bare fork+exec of `/bin/true` measured in
+//! the same run), sustained executions per second at concurrency 1, 2, 4 and 8, file copy and
+//! output throughput with the server's peak RSS (VmHWM after `clear_refs`), the time to
+//! prewarm 100 runners, and the server's RSS idle and with 1,000 idle runners.
+//!
+//! Progress goes to stderr, the table to stdout, the figures as JSON to
+//! `target/bench/results.json`. A missed target is reported, not a failure; a server that
+//! answers unexpectedly, crashes or does not stop cleanly fails the run (exit status 1). A
+//! server that refuses to start with `--executor sandbox` (not built, not root) leaves the
+//! sandbox "not measured".
+
+#[path = "dashboard/bench.rs"]
+mod bench;
+#[path = "dashboard/client.rs"]
+mod client;
+#[path = "dashboard/executions.rs"]
+mod executions;
+#[path = "dashboard/report.rs"]
+mod report;
+#[path = "dashboard/server.rs"]
+mod server;
+#[path = "dashboard/table.rs"]
+mod table;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use serde_json::json;
+
+use bench::Bench;
+use client::Client;
+use server::{ServerProcess, StartError};
+use table::Outcome;
+
+/// The executors measured, in order.
+const EXECUTORS: [&str; 2] = ["process", "sandbox"];
+
+fn main() {
+    let started = Instant::now();
+    let load_before = load_average();
+    let mut results = Vec::new();
+    for executor in EXECUTORS {
+        match measure_executor(executor) {
+            Ok(outcome) => results.push((executor, outcome)),
+            Err(message) => {
+                eprintln!("\nbench FAILED ({executor}): {message}");
+                std::process::exit(1);
+            }
+        }
+    }
+    print!("{}", table::table(&results));
+    let path = results_path();
+    let load_after = load_average();
+    println!("load average (1, 5, 15 min) before / after: {load_before} / {load_after}");
+    if load_before
+        .split(' ')
+        .next()
+        .and_then(|l| l.parse::<f64>().ok())
+        > Some(0.5)
+    {
+        println!("note: other work was running on this host; it skews the figures");
+    }
+    let load = json!({"before": load_before, "after": load_after});
+    let document = table::to_json(&results, host(load));
+    let written = fs::create_dir_all(path.parent().expect("a parent"))
+        .and_then(|()| fs::write(&path, format!("{document:#}\n")));
+    if let Err(err) = written {
+        eprintln!("bench FAILED: cannot write {}: {err}", path.display());
+        std::process::exit(1);
+    }
+    println!(
+        "\nfigures as JSON: {} (run took {:.0} s)",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Starts a server with `executor`, measures it and stops it.
+fn measure_executor(executor: &str) -> Result<Outcome, String> {
+    let state = tempfile::Builder::new()
+        .prefix(&format!("poseidon-lite-bench-{executor}-"))
+        .tempdir()
+        .map_err(|err| format!("cannot create a state directory: {err}"))?;
+    eprintln!(
+        "[{executor}] starting the server (state in {})",
+        state.path().display()
+    );
+    let mut server = match ServerProcess::start(binary(), &server_args(executor, state.path())) {
+        Ok(server) => server,
+        Err(StartError::Exited(reason)) => {
+            eprintln!("[{executor}] not measured: the server refused to start: {reason}");
+            return Ok(Outcome::NotMeasured(reason));
+        }
+        Err(StartError::Other(reason)) => return Err(reason),
+    };
+    let client = Client::new(&server.api, server.websocket);
+    let mut bench = Bench {
+        executor,
+        server: &mut server,
+        client,
+    };
+    let measured = bench.run();
+    let mut figures = measured.map_err(|err| format!("{err}\n{}", server.tail(30)))?;
+    figures.server_errors = server.errors();
+    eprint!("[{executor}] stopping the server (SIGTERM)… ");
+    let stop = server.stop()?;
+    eprintln!("done in {:.2} s", stop.as_secs_f64());
+    figures.stop_s = Some(stop.as_secs_f64());
+    for line in &figures.server_errors {
+        eprintln!("[{executor}] the server logged an error: {line}");
+    }
+    Ok(Outcome::Measured(Box::new(figures)))
+}
+
+/// The release server binary Cargo built for this bench.
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_poseidon-lite"))
+}
+
+fn server_args(executor: &str, state: &Path) -> Vec<String> {
+    let args = [
+        "--port",
+        "0",
+        "--websocket-port",
+        "0",
+        "--executor",
+        executor,
+        "--log-level",
+        "info",
+        "--capacity",
+        "5000",
+        // The sandbox resolves CodeOcean's image name to the built-in host image.
+        "--image",
+        "openhpi/co_execenv_python:3.8=host",
+        "--state-dir",
+    ];
+    let mut args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+    args.push(state.display().to_string());
+    args
+}
+
+/// `target/bench/results.json` of this workspace (`CARGO_TARGET_DIR` respected).
+fn results_path() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("bench").join("results.json")
+}
+
+/// The 1, 5 and 15 minute load averages: other work on the host skews the figures.
+fn load_average() -> String {
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    load.split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What the figures were measured on.
+fn host(load_average: serde_json::Value) -> serde_json::Value {
+    let read = |path: &str| {
+        fs::read_to_string(path)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let memory = read("/proc/meminfo")
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    json!({"cpus": cpus, "kernel": read("/proc/sys/kernel/osrelease"), "memory": memory,
+        "load_average": load_average, "server": binary().display().to_string()})
+}

@@ -1,0 +1,129 @@
+//! Environment operations of the manager: create, replace, delete, persist, report.
+
+use super::{Effects, EnvState, Manager, StopReason};
+use crate::{
+    dto::{Environment, EnvironmentStatistics},
+    error::{Error, Result},
+    id::{EnvironmentId, RunnerId},
+};
+
+impl Manager {
+    /// Creates or replaces an environment; `true` if it is new.
+    pub fn put_environment(&self, id: EnvironmentId, environment: Environment) -> Result<bool> {
+        self.executor.check_image(&environment.image)?;
+        let environment = environment.with_id(id);
+        let (created, effects) = {
+            let mut state = self.lock();
+            let mut effects = Effects::default();
+            let version = state.next_version();
+            let created = match state.environments.get_mut(&id) {
+                None => {
+                    let env = EnvState::new(environment, version);
+                    state.environments.insert(id, env);
+                    true
+                }
+                Some(env) => {
+                    effects.destroy = env.redefine(environment, version);
+                    false
+                }
+            };
+            effects.jobs = state.refill(self.limits.capacity);
+            (created, effects)
+        };
+        self.persist_environment(id)?;
+        let retired = effects.destroy.len();
+        self.apply(effects);
+        match created {
+            true => log::info!("environment {id} created"),
+            false => log::info!("environment {id} updated ({retired} idle runners retired)"),
+        }
+        Ok(created)
+    }
+
+    /// Removes an environment with all its runners.
+    pub fn delete_environment(&self, id: EnvironmentId) -> Result<()> {
+        let effects = {
+            let mut state = self.lock();
+            let env = state
+                .environments
+                .remove(&id)
+                .ok_or(Error::UnknownEnvironmentEmpty)?;
+            let mut effects = Effects::default();
+            effects
+                .destroy
+                .extend(env.idle.into_iter().map(|(_, runner)| runner));
+            let ids: Vec<RunnerId> = state
+                .runners
+                .iter()
+                .filter(|(_, c)| c.env == id)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for runner_id in ids {
+                state.remove_claimed(&runner_id, StopReason::RunnerDeleted, &mut effects);
+            }
+            effects
+        };
+        self.persist_environment(id)?;
+        let runners = effects.destroy.len();
+        self.apply(effects);
+        log::info!("environment {id} deleted with {runners} runners");
+        Ok(())
+    }
+
+    /// Writes the current definition of an environment (or removes its file).
+    fn persist_environment(&self, id: EnvironmentId) -> Result<()> {
+        let _writing = self.store_lock.lock().expect("store lock poisoned");
+        let current = self
+            .lock()
+            .environments
+            .get(&id)
+            .map(|env| env.spec.clone());
+        match current {
+            Some(environment) => self.store.save_environment(&environment),
+            None => self.store.remove_environment(id),
+        }
+        .map_err(|err| Error::internal("cannot persist the environment", err))
+    }
+
+    /// All environments, ordered by id.
+    pub fn environments(&self) -> Vec<Environment> {
+        self.lock()
+            .environments
+            .values()
+            .map(|env| env.spec.clone())
+            .collect()
+    }
+
+    /// One environment.
+    pub fn environment(&self, id: EnvironmentId) -> Result<Environment> {
+        let state = self.lock();
+        state
+            .environments
+            .get(&id)
+            .map(|env| env.spec.clone())
+            .ok_or(Error::UnknownEnvironmentEmpty)
+    }
+
+    /// Pool statistics of every environment.
+    pub fn statistics(&self) -> Vec<EnvironmentStatistics> {
+        self.lock()
+            .environments
+            .values()
+            .map(EnvState::statistics)
+            .collect()
+    }
+
+    /// Environments whose idle pool is below `threshold` of its size.
+    pub fn depleted(&self, threshold: f64) -> Vec<EnvironmentId> {
+        let state = self.lock();
+        state
+            .environments
+            .iter()
+            .filter(|(_, env)| {
+                let size = env.spec.prewarming_pool_size;
+                size > 0 && (env.idle.len() as f64 / f64::from(size)) < threshold
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}

@@ -33,16 +33,12 @@ fn input_is_echoed_and_read_through_the_terminal() {
     let runner = test.runner();
     let head = run_with(&*runner, "head -n 1", false, b"Hello World!\n");
     assert_eq!(head.outcome, Outcome::Exited(0));
-    assert_eq!(
-        head.stdout.matches("Hello World!\r\n").count(),
-        2,
-        "{head:?}"
-    );
+    assert_eq!(head.stdout.matches("Hello World!\n").count(), 2, "{head:?}");
     let tty = run(
         &*runner,
         "test -t 0 && test -t 1 && ! test -t 2 && echo tty",
     );
-    assert_eq!(tty.stdout, "tty\r\n");
+    assert_eq!(tty.stdout, "tty\n");
 }
 
 #[test]
@@ -54,7 +50,7 @@ fn stderr_is_separate_from_stdout() {
     let both = run(&*runner, "echo out; echo err >&2");
     assert_eq!(
         (both.stdout.as_str(), both.stderr.as_str()),
-        ("out\r\n", "err\n")
+        ("out\n", "err\n")
     );
 }
 
@@ -86,7 +82,7 @@ fn commands_get_a_clean_environment_and_argv() {
     assert!(wait_readable(process.exit.fd(), TIMEOUT));
     assert_eq!(process.exit.outcome().unwrap(), Some(Outcome::Exited(0)));
     let stdout = stdout.recv_timeout(TIMEOUT).unwrap();
-    assert_eq!(stdout, "true hi there /workspace C.UTF-8\r\ntab\there\r\n");
+    assert_eq!(stdout, "true hi there /workspace C.UTF-8\ntab\there\n");
     let env = run(&*runner, "env").stdout;
     assert!(!env.contains("POSEIDON") && !env.contains("CARGO"), "{env}");
 }
@@ -99,12 +95,9 @@ fn commands_run_as_the_unprivileged_user_unless_privileged() {
     let runner = test.runner();
     assert_eq!(
         run(&*runner, "id -u; echo $HOME").stdout,
-        "1000\r\n/home/user\r\n"
+        "1000\n/home/user\n"
     );
-    assert_eq!(
-        run_root(&*runner, "id -u; echo $HOME").stdout,
-        "0\r\n/root\r\n"
-    );
+    assert_eq!(run_root(&*runner, "id -u; echo $HOME").stdout, "0\n/root\n");
     // On the host, no process of the runner is root: not the command, the agent or its
     // launcher, also while a privileged command runs.
     let mut sleeping = start(&*runner, "echo started; exec sleep 1000", true);
@@ -153,7 +146,7 @@ fn the_network_is_unreachable() {
             "ls /sys/class/net 2>/dev/null; cat /proc/net/dev | grep -c :"
         )
         .stdout,
-        "1\r\n"
+        "1\n"
     );
 }
 
@@ -206,26 +199,35 @@ fn a_fork_bomb_is_contained() {
     assert_eq!(run(&*runner, "true").outcome, Outcome::Exited(0));
 }
 
+/// Runner processes (host pids) running `sleep`.
+fn sleepers(test: &TestExecutor) -> Vec<u32> {
+    let cmdline = |pid: u32| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    test.runner_pids()
+        .into_iter()
+        .filter(|&pid| cmdline(pid).starts_with(b"sleep\0"))
+        .collect()
+}
+
 #[test]
 fn killing_an_execution_ends_its_daemons() {
     let Some(test) = TestExecutor::new() else {
         return;
     };
     let runner = test.runner();
-    let idle = test.runner_pids().len();
-    let mut daemons = start(
-        &*runner,
-        "setsid sleep 1000 & (trap '' HUP; sleep 1000 &); echo up; sleep 1000",
-        false,
-    );
+    let command = "setsid sleep 1000 & (trap '' HUP; sleep 1000 &); echo up; exec sleep 1000";
+    let mut daemons = start(&*runner, command, false);
     daemons.wait_for_output("up");
-    assert!(test.runner_pids().len() >= idle + 4);
+    assert!(
+        eventually(|| sleepers(&test).len() == 3),
+        "{:?}",
+        sleepers(&test)
+    );
     daemons.kill.kill();
     assert_eq!(daemons.wait(), Outcome::Lost);
     assert!(
-        eventually(|| test.runner_pids().len() == idle),
+        eventually(|| sleepers(&test).is_empty()),
         "{:?}",
-        test.runner_pids()
+        sleepers(&test)
     );
     // A command that exits leaves nothing behind either.
     assert_eq!(
@@ -233,9 +235,9 @@ fn killing_an_execution_ends_its_daemons() {
         Outcome::Exited(0)
     );
     assert!(
-        eventually(|| test.runner_pids().len() == idle),
+        eventually(|| sleepers(&test).is_empty()),
         "{:?}",
-        test.runner_pids()
+        sleepers(&test)
     );
 }
 
@@ -305,7 +307,7 @@ fn the_seccomp_filter_refuses_what_learner_code_never_needs() {
         &*runner,
         "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status",
     );
-    assert_eq!(status.stdout, "NoNewPrivs:\t1\r\nSeccomp:\t2\r\n");
+    assert_eq!(status.stdout, "NoNewPrivs:\t1\nSeccomp:\t2\n");
     for refused in [
         "unshare -U true",
         "unshare -n true",
@@ -325,6 +327,6 @@ fn the_seccomp_filter_refuses_what_learner_code_never_needs() {
     // Ordinary process creation still works (clone without namespace flags).
     assert_eq!(
         run(&*runner, "(true) && echo $(echo nested)").stdout,
-        "nested\r\n"
+        "nested\n"
     );
 }

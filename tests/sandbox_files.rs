@@ -65,7 +65,7 @@ fn copied_files_are_root_owned_and_protected_from_the_user() {
     }
     assert_eq!(
         run(&*runner, "echo new > d/new && cat d/new").stdout,
-        "new\r\n"
+        "new\n"
     );
     assert_eq!(read(&*runner, "d/b.txt", false).unwrap(), "bee");
     runner

@@ -76,7 +76,7 @@ fn writes_outside_the_workspace_stay_in_the_runner() {
     }
     assert_eq!(
         run(&*one, &format!("cat /tmp/{name} /{name}")).stdout,
-        "a\r\nb\r\n"
+        "a\nb\n"
     );
 }
 
@@ -249,20 +249,17 @@ fn directory_images_are_idmapped_and_their_layer_is_private() {
         .unwrap();
     let one = test.runner_with(|spec| spec.image = "openhpi/co_execenv_test:1".into());
     let two = test.runner_with(|spec| spec.image = "test-image".into());
-    assert_eq!(
-        run(&*one, "id -u; echo $HOME").stdout,
-        "1001\r\n/home/user\r\n"
-    );
+    assert_eq!(run(&*one, "id -u; echo $HOME").stdout, "1001\n/home/user\n");
     // Image files are root's inside (idmapped), and root inside can change them privately.
     assert_eq!(
         run(&*one, "stat -c %u:%g /usr/bin/bash /etc/passwd").stdout,
-        "0:0\r\n0:0\r\n"
+        "0:0\n0:0\n"
     );
     let write = run_root(
         &*one,
         "echo changed > /etc/x && echo changed >> /etc/passwd && cat /etc/x",
     );
-    assert_eq!(write.stdout, "changed\r\n", "{write:?}");
+    assert_eq!(write.stdout, "changed\n", "{write:?}");
     assert_ne!(run(&*one, "echo user > /etc/y").outcome, Outcome::Exited(0));
     assert_ne!(
         run_root(&*two, "test -e /etc/x").outcome,
@@ -349,6 +346,6 @@ fn the_writable_layer_is_capped() {
     );
     assert_eq!(
         run(&*runner, "rm big; echo ok > small && cat small").stdout,
-        "ok\r\n"
+        "ok\n"
     );
 }

@@ -127,6 +127,8 @@ fn start(op: &OwnedFd, context: &Context) -> io::Result<(Pid, OwnedFd)> {
     let pty_flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
     let master = rustix::pty::openpt(pty_flags)?;
     rustix::pty::unlockpt(&master)?;
+    // Window size and no output processing, as for every executor (the server maps newlines).
+    crate::executor::pty::configure(&master)?;
     let slave = rustix::pty::ioctl_tiocgptpeer(&master, pty_flags)?;
     let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
     match sys::fork()? {

@@ -127,6 +127,8 @@ impl ExitWatch for SandboxExit {
             Some(Reply::Exited(code)) => Outcome::Exited(code as u8),
             Some(Reply::Signaled(SIGKILL)) if oom() => Outcome::OomKilled,
             Some(Reply::Signaled(signal)) => Outcome::Exited((128 + signal.clamp(0, 127)) as u8),
+            // The reaper shares its command's OOM score, so the OOM killer may pick it.
+            None if oom() => Outcome::OomKilled,
             _ => Outcome::Lost,
         };
         self.outcome = Some(outcome);

@@ -263,6 +263,12 @@ impl<F: AsFd> Write for RecordWriter<F> {
     }
 }
 
+/// A buffer for one record, its pages already touched (so a reader prepared ahead of time
+/// takes no page faults when a record arrives).
+pub fn record_buffer() -> Box<[u8]> {
+    vec![1; MAX_RECORD].into()
+}
+
 /// Reads the records of a socket as one byte stream, up to a limit; records carrying
 /// descriptors are an error (their descriptors are closed).
 #[derive(Debug)]
@@ -277,9 +283,17 @@ pub struct RecordReader<F: AsFd> {
 impl<F: AsFd> RecordReader<F> {
     /// A reader that fails once more than `limit` bytes arrive.
     pub fn new(sock: F, limit: u64) -> Self {
+        Self::with_buffer(sock, limit, record_buffer())
+    }
+
+    /// Like [`RecordReader::new`], with a buffer from [`record_buffer`].
+    pub fn with_buffer(sock: F, limit: u64, mut buf: Box<[u8]>) -> Self {
+        if buf.len() != MAX_RECORD {
+            buf = record_buffer();
+        }
         RecordReader {
             sock,
-            buf: vec![0; MAX_RECORD].into(),
+            buf,
             start: 0,
             end: 0,
             remaining: limit,

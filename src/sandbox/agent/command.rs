@@ -1,7 +1,8 @@
 //! The command child of an execution: it takes the terminal as its controlling terminal, the
 //! terminal and the stderr pipe as its standard streams, the workspace as working directory,
 //! the identity, limits and environment of a learner command, and execs `bash -c <command>`
-//! (`sh -c` where the image has no bash). The seccomp filter is inherited from the reaper.
+//! (`sh -c` where the image has no bash). The seccomp filter and the OOM score are inherited
+//! from the reaper.
 
 use std::{ffi::CString, io, os::fd::OwnedFd};
 
@@ -89,11 +90,6 @@ impl Launch {
         rustix::process::setrlimit(Resource::Core, no_core)?;
         rustix::process::umask(Mode::from_raw_mode(0o022));
         rootfs::become_user(self.uid, self.gid)?;
-        // Learner processes are what the OOM killer should pick, never the agent. Writing our
-        // own oom_score_adj needs a dumpable process (the agent is not); raising it needs no
-        // privilege.
-        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::Dumpable)?;
-        std::fs::write("/proc/self/oom_score_adj", "1000")?;
         rustix::thread::set_no_new_privs(true)?;
         Ok(())
     }

@@ -60,8 +60,8 @@ impl Spare {
 pub(super) fn serve_new(op: OwnedFd, context: &Context) {
     match sys::fork_into(REAPER_NAMESPACES) {
         Ok(Forked::Child) => {
-            let code = match prepare_reaper(context) {
-                Ok(()) => serve(op, context),
+            let code = match Prepared::new(context) {
+                Ok(prepared) => prepared.serve(op, context),
                 Err(err) => fail(&op, &err),
             };
             std::process::exit(code)
@@ -75,24 +75,14 @@ pub(super) fn serve_new(op: OwnedFd, context: &Context) {
 
 /// The spare's life: prepare, then wait for the operation socket (or the init's end).
 fn wait_as_spare(link: &OwnedFd, context: &Context) -> i32 {
-    if prepare_reaper(context).is_err() {
+    let Ok(prepared) = Prepared::new(context) else {
         return 1;
-    }
+    };
     let mut buf = [0; 8];
     match protocol::recv_record(link.as_fd(), &mut buf, 1, false) {
-        Ok((_, mut fds)) => fds.pop().map_or(0, |op| serve(op, context)),
+        Ok((_, mut fds)) => fds.pop().map_or(0, |op| prepared.serve(op, context)),
         Err(_) => 1,
     }
-}
-
-/// What a reaper sets up before any request: waiting for its own children, a `/proc` of its
-/// pid namespace, and the seccomp filter (installed here, where root inside may do so without
-/// no-new-privileges, and inherited by the command).
-fn prepare_reaper(context: &Context) -> io::Result<()> {
-    sys::ignore_children(false);
-    let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
-    rustix::mount::mount("proc", "/proc", "proc", flags, None)?;
-    sys::install_seccomp(&context.filter)
 }
 
 fn fail(op: &OwnedFd, err: &io::Error) -> i32 {
@@ -100,50 +90,90 @@ fn fail(op: &OwnedFd, err: &io::Error) -> i32 {
     1
 }
 
-/// Serves an execute operation in a prepared reaper; returns its exit code.
-fn serve(op: OwnedFd, context: &Context) -> i32 {
-    match start(&op, context) {
+/// What a reaper sets up before its request arrives: its `/proc`, the seccomp filter, the
+/// OOM score its command inherits, the terminal, the stderr pipe and a request buffer.
+struct Prepared {
+    master: OwnedFd,
+    slave: OwnedFd,
+    err_read: OwnedFd,
+    err_write: OwnedFd,
+    buffer: Box<[u8]>,
+}
+
+impl Prepared {
+    fn new(context: &Context) -> io::Result<Prepared> {
+        sys::ignore_children(false);
+        let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+        rustix::mount::mount("proc", "/proc", "proc", flags, None)?;
+        // Installed here, where root inside may do so without no-new-privileges, and
+        // inherited by the command.
+        sys::install_seccomp(&context.filter)?;
+        raise_oom_score()?;
+        let pty_flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
+        let master = rustix::pty::openpt(pty_flags)?;
+        rustix::pty::unlockpt(&master)?;
+        // Window size and no output processing, as every executor (the server maps newlines).
+        crate::executor::pty::configure(&master)?;
+        let slave = rustix::pty::ioctl_tiocgptpeer(&master, pty_flags)?;
+        let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let buffer = protocol::record_buffer();
+        Ok(Prepared {
+            master,
+            slave,
+            err_read,
+            err_write,
+            buffer,
+        })
+    }
+
+    /// Serves an execute operation; returns the reaper's exit code.
+    fn serve(self, op: OwnedFd, context: &Context) -> i32 {
         // The reaper keeps a descriptor of the terminal's slave side until it has sent the
         // status, so that the server's reader sees end of file (EIO) only after the status
         // is known; had the server closed the master earlier, the hangup would have killed a
         // command that had closed its terminal but not yet exited (status 129 instead of 0).
-        Ok((child, _slave)) => wait(&op, child),
-        Err(err) => fail(&op, &err),
+        match self.start(&op, context) {
+            Ok((child, _slave)) => wait(&op, child),
+            Err(err) => fail(&op, &err),
+        }
+    }
+
+    /// Reads the request, starts the command and hands its terminal and stderr to the server.
+    fn start(self, op: &OwnedFd, context: &Context) -> io::Result<(Pid, OwnedFd)> {
+        let mut input = RecordReader::with_buffer(op, MAX_REQUEST, self.buffer);
+        let Request::Execute {
+            command,
+            environment,
+            privileged,
+        } = protocol::read_request(&mut input)?
+        else {
+            return Err(io::Error::other("not an execute request"));
+        };
+        let launch = Launch::new(&command, &environment, privileged, context)?;
+        match sys::fork()? {
+            Forked::Child => {
+                let err = launch.exec(&self.slave, &self.err_write);
+                let _ = writeln!(io::stderr(), "cannot start the command: {err}");
+                std::process::exit(127)
+            }
+            Forked::Parent(child) => {
+                drop(self.err_write);
+                let fds = [self.master.as_fd(), self.err_read.as_fd()];
+                protocol::send_reply(op.as_fd(), &Reply::Started, &fds)?;
+                Ok((child, self.slave))
+            }
+        }
     }
 }
 
-/// Reads the request, starts the command and hands its terminal and stderr to the server.
-fn start(op: &OwnedFd, context: &Context) -> io::Result<(Pid, OwnedFd)> {
-    let request = protocol::read_request(&mut RecordReader::new(op, MAX_REQUEST))?;
-    let Request::Execute {
-        command,
-        environment,
-        privileged,
-    } = request
-    else {
-        return Err(io::Error::other("not an execute request"));
-    };
-    let launch = Launch::new(&command, &environment, privileged, context)?;
-    let pty_flags = OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC;
-    let master = rustix::pty::openpt(pty_flags)?;
-    rustix::pty::unlockpt(&master)?;
-    // Window size and no output processing, as for every executor (the server maps newlines).
-    crate::executor::pty::configure(&master)?;
-    let slave = rustix::pty::ioctl_tiocgptpeer(&master, pty_flags)?;
-    let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
-    match sys::fork()? {
-        Forked::Child => {
-            let err = launch.exec(&slave, &err_write);
-            let _ = writeln!(io::stderr(), "cannot start the command: {err}");
-            std::process::exit(127)
-        }
-        Forked::Parent(child) => {
-            drop(err_write);
-            let fds = [master.as_fd(), err_read.as_fd()];
-            protocol::send_reply(op.as_fd(), &Reply::Started, &fds)?;
-            Ok((child, slave))
-        }
-    }
+/// Makes the reaper, and so its command, what the OOM killer picks first (never the agent).
+/// Writing one's own score needs a dumpable process, which the reaper is only for this moment.
+fn raise_oom_score() -> io::Result<()> {
+    use rustix::process::{DumpableBehavior, set_dumpable_behavior};
+    set_dumpable_behavior(DumpableBehavior::Dumpable)?;
+    let written = std::fs::write("/proc/self/oom_score_adj", "1000");
+    set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    written
 }
 
 /// Waits for the command or the server; returns the reaper's exit code.

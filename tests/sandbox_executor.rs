@@ -308,6 +308,11 @@ fn the_seccomp_filter_refuses_what_learner_code_never_needs() {
         "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status",
     );
     assert_eq!(status.stdout, "NoNewPrivs:\t1\nSeccomp:\t2\n");
+    // Learner processes are also the first the OOM killer picks.
+    assert_eq!(
+        run(&*runner, "cat /proc/self/oom_score_adj").stdout,
+        "1000\n"
+    );
     for refused in [
         "unshare -U true",
         "unshare -n true",

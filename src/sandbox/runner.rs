@@ -47,6 +47,8 @@ pub struct SandboxRunner {
     dir: PathBuf,
     group: Arc<Group>,
     control: OnceLock<OwnedFd>,
+    /// Executions go on their own socket, to the agent's waiting reaper.
+    exec: OnceLock<OwnedFd>,
     launcher: Mutex<Option<Child>>,
     destroyed: AtomicBool,
 }
@@ -66,6 +68,7 @@ impl SandboxRunner {
             dir: shared.dir.join(id.as_str()),
             group: Arc::new(shared.cgroups.group(id.as_str())),
             control: OnceLock::new(),
+            exec: OnceLock::new(),
             launcher: Mutex::new(None),
             destroyed: AtomicBool::new(false),
         };
@@ -111,8 +114,12 @@ impl SandboxRunner {
             rustix::net::sockopt::set_socket_timeout(&ours, timeout, Some(SETUP_TIMEOUT))
                 .map_err(io::Error::from)?;
         }
+        let (exec, exec_theirs) = protocol::socketpair()?;
+        rustix::net::sockopt::set_socket_timeout(&exec, Timeout::Send, Some(SETUP_TIMEOUT))
+            .map_err(io::Error::from)?;
         let text = serde_json::to_vec(setup).map_err(io::Error::other)?;
-        protocol::send_record(ours.as_fd(), &text, &[])?;
+        protocol::send_record(ours.as_fd(), &text, &[exec_theirs.as_fd()])?;
+        drop(exec_theirs);
         let (reply, _) = operation::reply(&ours, 0)?;
         if reply != Reply::Ready {
             return Err(operation::failure(reply));
@@ -121,6 +128,7 @@ impl SandboxRunner {
         rustix::net::sockopt::set_socket_timeout(&ours, Timeout::Recv, None)
             .map_err(io::Error::from)?;
         let _ = self.control.set(ours);
+        let _ = self.exec.set(exec);
         Ok(())
     }
 
@@ -129,11 +137,15 @@ impl SandboxRunner {
         if self.destroyed.load(Ordering::SeqCst) {
             return Err(Error::unknown_runner(&self.id));
         }
-        let control = self
-            .control
+        let socket = if kind == EXECUTE {
+            &self.exec
+        } else {
+            &self.control
+        };
+        let socket = socket
             .get()
             .ok_or_else(|| Error::unknown_runner(&self.id))?;
-        let op = operation::open(control.as_fd(), kind)?;
+        let op = operation::open(socket.as_fd(), kind)?;
         let mut out = RecordWriter::new(&op);
         protocol::write_request(&mut out, request)?;
         out.flush()?;
@@ -142,8 +154,8 @@ impl SandboxRunner {
 
     /// Ends the agent and waits for its launcher; kills by cgroup if that takes too long.
     fn end_agent(&self) {
-        if let Some(control) = self.control.get() {
-            let _ = rustix::net::shutdown(control, Shutdown::Both);
+        for socket in [self.control.get(), self.exec.get()].into_iter().flatten() {
+            let _ = rustix::net::shutdown(socket, Shutdown::Both);
         }
         let Some(mut launcher) = self.launcher.lock().unwrap().take() else {
             return;

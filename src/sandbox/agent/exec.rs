@@ -5,12 +5,13 @@
 //! then waits for the command's end (it sends the status and exits) or for the server to shut
 //! the operation socket down (it exits at once). Its exit ends every process of the execution.
 //!
-//! The init keeps one [`Spare`] reaper prepared ahead of time, so that creating the namespaces,
-//! mounting `/proc` and installing the filter stay off the path of a request.
+//! The init keeps one [`Spare`] reaper prepared ahead of time, waiting on the execution socket,
+//! so that creating the namespaces, mounting `/proc`, installing the filter and opening the
+//! terminal stay off the path of a request, and the request reaches its reaper directly.
 
 use std::{
     io::{self, Write},
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
 };
 
 use rustix::{
@@ -31,28 +32,39 @@ const MAX_REQUEST: u64 = 4 << 20;
 /// Namespaces of a reaper.
 const REAPER_NAMESPACES: libc::c_int = libc::CLONE_NEWPID | libc::CLONE_NEWNS;
 
-/// A reaper waiting for its execution, linked to the init by a socket pair.
+/// A reaper waiting on the execution socket for its execution, linked to the init by a
+/// socket pair on which it reports that it took one.
 #[derive(Debug)]
 pub(super) struct Spare {
     link: OwnedFd,
 }
 
 impl Spare {
-    /// Forks a reaper that prepares itself and waits for an operation socket.
-    pub fn start(context: &Context) -> io::Result<Spare> {
+    /// Forks a reaper that prepares itself and waits for an operation socket on `exec`.
+    pub fn start(context: &Context, exec: &OwnedFd) -> io::Result<Spare> {
         let (ours, theirs) = protocol::socketpair()?;
         match sys::fork_into(REAPER_NAMESPACES)? {
             Forked::Child => {
                 drop(ours);
-                std::process::exit(wait_as_spare(&theirs, context))
+                std::process::exit(wait_as_spare(&theirs, exec, context))
             }
             Forked::Parent(_) => Ok(Spare { link: ours }),
         }
     }
 
-    /// Gives the spare its execution; the operation comes back if the spare is gone.
-    pub fn hand_over(self, op: OwnedFd) -> Result<(), OwnedFd> {
-        protocol::send_record(self.link.as_fd(), b"op", &[op.as_fd()]).map_err(|_| op)
+    /// The init's end of the link: readable once the spare took an execution or died.
+    pub fn link(&self) -> BorrowedFd<'_> {
+        self.link.as_fd()
+    }
+
+    /// Called when the link is readable: whether the spare took an execution (rather than
+    /// dying without one).
+    pub fn took_execution(self) -> bool {
+        let mut buf = [0; 8];
+        matches!(
+            protocol::recv_record(self.link.as_fd(), &mut buf, 0, true),
+            Ok((1.., _))
+        )
     }
 }
 
@@ -73,16 +85,26 @@ pub(super) fn serve_new(op: OwnedFd, context: &Context) {
     }
 }
 
-/// The spare's life: prepare, then wait for the operation socket (or the init's end).
-fn wait_as_spare(link: &OwnedFd, context: &Context) -> i32 {
+/// The spare's life: prepare, wait for an execution on the execution socket, tell the init.
+fn wait_as_spare(link: &OwnedFd, exec: &OwnedFd, context: &Context) -> i32 {
     let Ok(prepared) = Prepared::new(context) else {
         return 1;
     };
-    let mut buf = [0; 8];
-    match protocol::recv_record(link.as_fd(), &mut buf, 1, false) {
-        Ok((_, mut fds)) => fds.pop().map_or(0, |op| prepared.serve(op, context)),
-        Err(_) => 1,
-    }
+    let mut kind = [0; 16];
+    let op = loop {
+        match protocol::recv_record(exec.as_fd(), &mut kind, 1, false) {
+            Ok((0, _)) => return 0,
+            Ok((_, mut fds)) => {
+                if let Some(op) = fds.pop() {
+                    break op;
+                }
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return 1,
+        }
+    };
+    let _ = protocol::send_record(link.as_fd(), b"taken", &[]);
+    prepared.serve(op, context)
 }
 
 fn fail(op: &OwnedFd, err: &io::Error) -> i32 {

@@ -21,6 +21,7 @@ use std::{
 };
 
 use rustix::{
+    event::{PollFd, PollFlags},
     fs::{Mode, OFlags},
     process::{Pid, Signal, WaitOptions},
 };
@@ -59,18 +60,18 @@ pub(super) fn main() -> i32 {
         let _ = protocol::send_reply(control.as_fd(), &Reply::Failed(message), &[]);
         1
     };
-    let (setup, userns) = match launch(&control) {
+    let (setup, userns, exec) = match launch(&control) {
         Ok(launched) => launched,
         Err(message) => return fail(message),
     };
     match sys::fork() {
         Err(err) => fail(format!("cannot fork the init: {err}")),
-        Ok(Forked::Child) => init(&control, &setup, userns),
+        Ok(Forked::Child) => init(&control, &exec, &setup, userns),
         Ok(Forked::Parent(pid)) => {
-            // The launcher only waits: the init alone holds the runner's end of the socket,
+            // The launcher only waits: the init alone holds the runner's ends of the sockets,
             // and no process of a runner stays host root (the runner's base uid is unused on
             // the host).
-            drop((control, userns));
+            drop((control, userns, exec));
             let _ = rootfs::become_user(setup.uid_base, setup.uid_base);
             wait_for(pid);
             0
@@ -88,12 +89,16 @@ fn take_control_socket() -> std::io::Result<OwnedFd> {
     Ok(control)
 }
 
-/// The launcher stage up to forking the init: reads the setup, joins the cgroups, creates the
-/// user namespace and unshares the others (the init will be pid 1 of the new pid namespace).
-fn launch(control: &OwnedFd) -> Result<(Setup, OwnedFd), String> {
+/// The launcher stage up to forking the init: reads the setup (with the execution socket),
+/// joins the cgroups, creates the user namespace and unshares the others (the init will be
+/// pid 1 of the new pid namespace).
+fn launch(control: &OwnedFd) -> Result<(Setup, OwnedFd, OwnedFd), String> {
     let mut buf = vec![0; protocol::MAX_RECORD];
-    let (len, _) = protocol::recv_record(control.as_fd(), &mut buf, 0, false)
+    let (len, mut fds) = protocol::recv_record(control.as_fd(), &mut buf, 1, false)
         .map_err(|err| format!("cannot read the setup: {err}"))?;
+    let exec = fds
+        .pop()
+        .ok_or("the setup came without the execution socket")?;
     let setup: Setup =
         serde_json::from_slice(&buf[..len]).map_err(|err| format!("invalid setup: {err}"))?;
     let me = rustix::process::getpid().as_raw_nonzero().to_string();
@@ -108,7 +113,7 @@ fn launch(control: &OwnedFd) -> Result<(Setup, OwnedFd), String> {
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWCGROUP;
     sys::unshare_namespaces(namespaces).map_err(|err| format!("cannot unshare: {err}"))?;
-    Ok((setup, userns))
+    Ok((setup, userns, exec))
 }
 
 /// Creates the runner's user namespace, mapping uids and gids 0..65536 inside to
@@ -151,7 +156,7 @@ fn wait_for(pid: Pid) {
 }
 
 /// The init stage: pid 1 of the runner. Returns the exit code.
-fn init(control: &OwnedFd, setup: &Setup, userns: OwnedFd) -> i32 {
+fn init(control: &OwnedFd, exec: &OwnedFd, setup: &Setup, userns: OwnedFd) -> i32 {
     // The launcher waits for us; if it is killed, so are we (and with us the runner).
     let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
     let context = match prepare(setup, userns) {
@@ -164,7 +169,7 @@ fn init(control: &OwnedFd, setup: &Setup, userns: OwnedFd) -> i32 {
     if protocol::send_reply(control.as_fd(), &Reply::Ready, &[]).is_err() {
         return 1;
     }
-    serve(control, &context)
+    serve(control, exec, &context)
 }
 
 /// Builds the runner and becomes root inside its user namespace.
@@ -192,40 +197,76 @@ fn prepare(setup: &Setup, userns: OwnedFd) -> Result<Context, String> {
     })
 }
 
-/// Serves operations until the control socket closes.
-fn serve(control: &OwnedFd, context: &Context) -> i32 {
+/// Serves operations until the control socket closes. File operations arrive on the control
+/// socket; executions on the execution socket, where the spare reaper waits and takes them
+/// itself (one process wake-up less on the way to a command). The init watches the spare: when
+/// it reports that it took an execution, the next spare is prepared; when it died without, the
+/// init serves executions itself until the next one has been served.
+fn serve(control: &OwnedFd, exec: &OwnedFd, context: &Context) -> i32 {
     // Operation children are reaped by the kernel; the init never waits for them.
     sys::ignore_children(true);
-    let mut spare = exec::Spare::start(context).ok();
-    let mut kind = [0; 16];
+    let mut spare = exec::Spare::start(context, exec).ok();
     loop {
-        match protocol::recv_record(control.as_fd(), &mut kind, 1, false) {
-            Ok((0, _)) => return 0,
-            Ok((len, mut fds)) => {
-                let Some(op) = fds.pop() else { continue };
-                match &kind[..len] {
-                    EXECUTE => execute(op, &mut spare, context),
-                    FILES => files(op, context),
-                    _ => {}
-                }
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::Other => continue,
+        let watched = spare.as_ref().map_or(exec.as_fd(), exec::Spare::link);
+        let mut fds = [
+            PollFd::new(control, PollFlags::IN),
+            PollFd::new(&watched, PollFlags::IN),
+        ];
+        match rustix::event::poll(&mut fds, None) {
+            Err(rustix::io::Errno::INTR) => continue,
             Err(_) => return 1,
+            Ok(_) => {}
+        }
+        let (control_ready, watched_ready) =
+            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+        if control_ready {
+            match receive(control) {
+                Incoming::End => return 0,
+                Incoming::Operation(op) => files(op, context),
+                Incoming::Nothing => {}
+            }
+        }
+        if !watched_ready {
+            continue;
+        }
+        match spare.take() {
+            Some(taken) => {
+                spare = taken
+                    .took_execution()
+                    .then(|| exec::Spare::start(context, exec).ok())
+                    .flatten()
+            }
+            None => match receive(exec) {
+                Incoming::End => return 0,
+                Incoming::Operation(op) => {
+                    exec::serve_new(op, context);
+                    spare = exec::Spare::start(context, exec).ok();
+                }
+                Incoming::Nothing => {}
+            },
         }
     }
 }
 
-/// Hands an execution to the spare reaper (or a new one), then prepares the next spare while
-/// the execution runs.
-fn execute(op: OwnedFd, spare: &mut Option<exec::Spare>, context: &Context) {
-    let unserved = match spare.take() {
-        Some(ready) => ready.hand_over(op).err(),
-        None => Some(op),
-    };
-    if let Some(op) = unserved {
-        exec::serve_new(op, context);
+/// What a socket of the server delivered.
+enum Incoming {
+    /// An operation socket.
+    Operation(OwnedFd),
+    /// End of file: the server closed the socket (or died).
+    End,
+    /// A record without a descriptor, or one that was refused.
+    Nothing,
+}
+
+fn receive(socket: &OwnedFd) -> Incoming {
+    let mut kind = [0; 16];
+    match protocol::recv_record(socket.as_fd(), &mut kind, 1, false) {
+        Ok((0, _)) => Incoming::End,
+        Ok((_, mut fds)) => fds.pop().map_or(Incoming::Nothing, Incoming::Operation),
+        Err(err) if err.kind() == std::io::ErrorKind::Other => Incoming::Nothing,
+        Err(err) if err.kind() == std::io::ErrorKind::Interrupted => Incoming::Nothing,
+        Err(_) => Incoming::End,
     }
-    *spare = exec::Spare::start(context).ok();
 }
 
 /// Serves a file operation in a forked child.

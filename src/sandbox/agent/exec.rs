@@ -73,7 +73,7 @@ pub(super) fn serve_new(op: OwnedFd, context: &Context) {
     match sys::fork_into(REAPER_NAMESPACES) {
         Ok(Forked::Child) => {
             let code = match Prepared::new(context) {
-                Ok(prepared) => prepared.serve(op, context),
+                Ok(prepared) => prepared.serve(op, context, None),
                 Err(err) => fail(&op, &err),
             };
             std::process::exit(code)
@@ -103,8 +103,7 @@ fn wait_as_spare(link: &OwnedFd, exec: &OwnedFd, context: &Context) -> i32 {
             Err(_) => return 1,
         }
     };
-    let _ = protocol::send_record(link.as_fd(), b"taken", &[]);
-    prepared.serve(op, context)
+    prepared.serve(op, context, Some(link))
 }
 
 fn fail(op: &OwnedFd, err: &io::Error) -> i32 {
@@ -148,20 +147,27 @@ impl Prepared {
         })
     }
 
-    /// Serves an execute operation; returns the reaper's exit code.
-    fn serve(self, op: OwnedFd, context: &Context) -> i32 {
+    /// Serves an execute operation; returns the reaper's exit code. A spare tells the init
+    /// through `link` once the command runs, so that preparing the next spare does not compete
+    /// with starting this command.
+    fn serve(self, op: OwnedFd, context: &Context, link: Option<&OwnedFd>) -> i32 {
         // The reaper keeps a descriptor of the terminal's slave side until it has sent the
         // status, so that the server's reader sees end of file (EIO) only after the status
         // is known; had the server closed the master earlier, the hangup would have killed a
         // command that had closed its terminal but not yet exited (status 129 instead of 0).
-        match self.start(&op, context) {
+        match self.start(&op, context, link) {
             Ok((child, _slave)) => wait(&op, child),
             Err(err) => fail(&op, &err),
         }
     }
 
     /// Reads the request, starts the command and hands its terminal and stderr to the server.
-    fn start(self, op: &OwnedFd, context: &Context) -> io::Result<(Pid, OwnedFd)> {
+    fn start(
+        self,
+        op: &OwnedFd,
+        context: &Context,
+        link: Option<&OwnedFd>,
+    ) -> io::Result<(Pid, OwnedFd)> {
         let mut input = RecordReader::with_buffer(op, MAX_REQUEST, self.buffer);
         let Request::Execute {
             command,
@@ -182,6 +188,9 @@ impl Prepared {
                 drop(self.err_write);
                 let fds = [self.master.as_fd(), self.err_read.as_fd()];
                 protocol::send_reply(op.as_fd(), &Reply::Started, &fds)?;
+                if let Some(link) = link {
+                    let _ = protocol::send_record(link.as_fd(), b"taken", &[]);
+                }
                 Ok((child, self.slave))
             }
         }

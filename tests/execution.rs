@@ -283,7 +283,7 @@ fn a_websocket_from_a_foreign_origin_is_refused_and_the_execution_kept() {
         .headers_mut()
         .insert("Origin", "https://evil.example".parse().expect("header"));
     let stream = std::net::TcpStream::connect(server.handle().websocket_addr()).expect("connect");
-    let err = tungstenite::client(request, stream).err().expect("refused");
+    let err = tungstenite::client(request, stream).expect_err("refused");
     assert!(err.to_string().contains("403"), "{err}");
     assert_eq!(server.connect(&url).transcript().exit_code(), Some(0));
 }

@@ -14,6 +14,8 @@ pub enum Error {
     BadRequest(String),
     /// The `Poseidon-Token` header is missing or wrong (401).
     Unauthorized,
+    /// The request is not allowed, e.g. a WebSocket from a foreign origin (403).
+    Forbidden(String),
     /// No route matches the request (404, empty body).
     NotFound,
     /// The HTTP method is not allowed on this route (405, empty body).
@@ -66,6 +68,7 @@ impl Error {
         match self {
             Error::BadRequest(_) | Error::UnknownImage(_) => 400,
             Error::Unauthorized => 401,
+            Error::Forbidden(_) => 403,
             Error::NotFound | Error::UnknownEnvironment(_) | Error::UnknownEnvironmentEmpty => 404,
             Error::UnknownExecution => 404,
             Error::MethodNotAllowed => 405,
@@ -104,6 +107,7 @@ impl fmt::Display for Error {
         match self {
             Error::BadRequest(message) => f.write_str(message),
             Error::Unauthorized => f.write_str("unauthorized"),
+            Error::Forbidden(reason) => f.write_str(reason),
             Error::NotFound => f.write_str("not found"),
             Error::MethodNotAllowed => f.write_str("method not allowed"),
             Error::UnknownEnvironment(id) => {

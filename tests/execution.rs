@@ -271,3 +271,19 @@ fn short_external_commands_exit_normally() {
         assert_eq!(transcript.exit_code(), Some(0), "run {i}: {transcript:?}");
     }
 }
+
+#[test]
+fn a_websocket_from_a_foreign_origin_is_refused_and_the_execution_kept() {
+    let server = TestServer::start();
+    let runner = server.ready_runner();
+    let url = server.execute(&runner, "true", 5);
+    let mut request =
+        tungstenite::client::IntoClientRequest::into_client_request(url.as_str()).expect("request");
+    request
+        .headers_mut()
+        .insert("Origin", "https://evil.example".parse().expect("header"));
+    let stream = std::net::TcpStream::connect(server.handle().websocket_addr()).expect("connect");
+    let err = tungstenite::client(request, stream).expect_err("refused");
+    assert!(err.to_string().contains("403"), "{err}");
+    assert_eq!(server.connect(&url).transcript().exit_code(), Some(0));
+}

@@ -141,6 +141,11 @@ fn authorize(app: &App, request: &Request) -> Result<StartedExecution, Box<Error
     if !token_matches(&app.server, token) {
         return Err(reject(&Error::Unauthorized));
     }
+    if !same_origin(request) {
+        return Err(reject(&Error::Forbidden(
+            "request origin not allowed".into(),
+        )));
+    }
     let id =
         RunnerId::parse(runner).ok_or_else(|| reject(&Error::UnknownRunner(runner.to_owned())))?;
     app.manager.check_runner(&id).map_err(|err| reject(&err))?;
@@ -156,6 +161,25 @@ fn authorize(app: &App, request: &Request) -> Result<StartedExecution, Box<Error
     app.manager
         .start_execution(&id, execution)
         .map_err(|err| reject(&err))
+}
+
+/// Like Poseidon's WebSocket upgrader: a browser's `Origin` must name the host it connects to
+/// (requests without `Origin`, as CodeOcean's, pass), so that other sites' pages cannot use
+/// a leaked execution URL.
+fn same_origin(request: &Request) -> bool {
+    let Some(origin) = request.headers().get(http::header::ORIGIN) else {
+        return true;
+    };
+    let host = request
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|host| host.to_str().ok());
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|origin| origin.split_once("://"))
+        .map(|(_, rest)| rest.split('/').next().unwrap_or(rest));
+    matches!((origin_host, host), (Some(origin), Some(host)) if origin.eq_ignore_ascii_case(host))
 }
 
 /// A plain HTTP answer for a refused handshake, with Poseidon's status and body.

@@ -10,8 +10,10 @@ build: ## build the release binary (target/release/poseidon-lite)
 run: build ## run the server with its default configuration (add ARGS="--help" for settings)
 	./target/release/poseidon-lite $(ARGS)
 
-test: ## run every test (unit, integration, doc)
-	cargo nextest run --locked --all-targets --no-fail-fast
+test: ## run every test: unit, integration (once per executor; the sandbox needs root), doc
+	cargo nextest run --locked --lib --bins --tests --no-fail-fast
+	POSEIDON_TEST_EXECUTOR=sandbox cargo nextest run --locked --tests --no-fail-fast \
+		-E 'kind(test) & not binary(/^sandbox_/)'
 	cargo test --locked --doc
 
 lint: ## formatting and clippy, warnings are errors

@@ -1,7 +1,8 @@
 //! An embedded poseidon-lite driven by a client through a whole CodeOcean-style run:
 //! environment → runner → files → interactive execution → listing → delete.
 //!
-//! Run with `cargo run --example client` (add `-- sandbox` as root for the sandbox executor).
+//! Run with `cargo run --example client` (process executor) or, as root,
+//! `cargo run --example client -- sandbox`.
 
 use std::{error::Error, net::TcpStream, time::Duration};
 
@@ -11,11 +12,19 @@ use serde_json::{Value, json};
 use tungstenite::{Message, client::IntoClientRequest};
 
 fn main() -> Result<(), Box<dyn Error>> {
+    // Sandboxes run this same binary as their agent (see the README's "Library use").
+    poseidon_lite::sandbox::run_agent_if_requested();
     let state = std::env::temp_dir().join(format!("poseidon-lite-example-{}", std::process::id()));
     let mut config = Config::ephemeral(&state);
-    if std::env::args().nth(1).as_deref() == Some("sandbox") {
-        config.runner.executor = ExecutorKind::Sandbox;
-    }
+    config.runner.executor = match std::env::args().nth(1).as_deref() {
+        Some("sandbox") => ExecutorKind::Sandbox,
+        _ => ExecutorKind::Process,
+    };
+    // CodeOcean names Docker images; this one is served by the host's own file system.
+    config
+        .sandbox
+        .images
+        .insert("openhpi/co_execenv_python:3.8".into(), "host".into());
     let server = Server::bind(config)?.spawn()?;
     let api = server.url();
     println!("server at {api}");

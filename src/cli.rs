@@ -61,7 +61,7 @@ pub struct Cli {
     pub release: Option<String>,
 
     /// runner.executor: `sandbox` (isolated Linux sandboxes, needs root) or `process` (plain
-    /// directories, NO isolation) [default: process].
+    /// directories, NO isolation) [default: sandbox].
     #[arg(long, env = "POSEIDON_RUNNER_EXECUTOR")]
     pub executor: Option<ExecutorKind>,
     /// runner.capacity: most runners (idle, claimed and being created) at once [default: 1000].

@@ -136,7 +136,7 @@ pub struct RunnerConfig {
 impl Default for RunnerConfig {
     fn default() -> Self {
         RunnerConfig {
-            executor: ExecutorKind::Process,
+            executor: ExecutorKind::Sandbox,
             capacity: 1000,
             prewarm_threads: 2,
             max_output_bytes: 0,
@@ -264,7 +264,7 @@ mod tests {
         let config = Config::from_toml("").unwrap();
         assert_eq!(config.server.port, 7200);
         assert_eq!(config.server.websocket_port(), 7201);
-        assert_eq!(config.runner.executor, ExecutorKind::Process);
+        assert_eq!(config.runner.executor, ExecutorKind::Sandbox);
     }
 
     #[test]

@@ -32,6 +32,8 @@ impl Process {
                 "--executor",
             ])
             .arg(support::executor_name())
+            .arg("--image")
+            .arg(format!("{}=host", support::TEST_IMAGE))
             .arg("--state-dir")
             .arg(state)
             .env_remove("RUST_LOG")

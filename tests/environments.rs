@@ -71,18 +71,9 @@ fn figures(id: u64, pool: u32, idle: u64, used: u64) -> Value {
     json!({"id": id, "prewarmingPoolSize": pool, "idleRunners": idle, "usedRunners": used})
 }
 
-/// Runner workspaces of the process executor: one directory per idle or claimed runner.
+/// The runners that exist: one directory per idle or claimed runner.
 fn workspaces(server: &TestServer) -> BTreeSet<String> {
-    std::fs::read_dir(server.state.path().join("workspaces"))
-        .expect("workspaces directory")
-        .map(|entry| {
-            entry
-                .expect("entry")
-                .file_name()
-                .into_string()
-                .expect("utf-8")
-        })
-        .collect()
+    server.runner_dirs()
 }
 
 #[track_caller]
@@ -225,12 +216,12 @@ fn unknown_fields_and_trailing_bytes_are_ignored_and_the_path_id_wins_over_the_b
 fn missing_and_null_fields_take_zero_values() {
     let server = TestServer::start();
     assert_empty(
-        &put_raw(&server, "4", br#"{"image":"x","exposedPorts":null}"#),
+        &put_raw(&server, "4", br#"{"image":"host","exposedPorts":null}"#),
         201,
     );
     assert_eq!(
         server.get("/execution-environments/4").json(),
-        json!({"prewarmingPoolSize": 0, "cpuLimit": 0, "memoryLimit": 0, "image": "x",
+        json!({"prewarmingPoolSize": 0, "cpuLimit": 0, "memoryLimit": 0, "image": "host",
                "networkAccess": false, "exposedPorts": [], "id": 4})
     );
 }

@@ -58,8 +58,10 @@ impl TestExecutor {
         let mut config = Config::ephemeral(&state);
         config.sandbox.agent = Some(PathBuf::from(env!("CARGO_BIN_EXE_poseidon-lite")));
         config.sandbox.cgroup_name = name;
-        // Each executor its own uid ranges (64 runners' worth), so parallel tests never share ids.
-        config.sandbox.uid_base = (1 << 24) + (n % 256) * 64 * 65536;
+        // Each executor its own uid ranges (64 runners' worth), so parallel tests (nextest runs
+        // each in a process of its own) do not share ids.
+        let slot = (std::process::id().wrapping_mul(7) + n) % 256;
+        config.sandbox.uid_base = (1 << 24) + slot * 64 * 65536;
         config.sandbox.pids_limit = 128;
         modify(&mut config);
         let executor = SandboxExecutor::new(&config).expect("sandbox executor");

@@ -60,9 +60,7 @@ pub fn executor(config: &Config) -> Result<Arc<dyn Executor>> {
             );
             Ok(Arc::new(ProcessExecutor::new(&config.state.dir)?))
         }
-        ExecutorKind::Sandbox => Err(Error::Internal(
-            "the sandbox executor is not available in this build; use --executor process".into(),
-        )),
+        ExecutorKind::Sandbox => Ok(Arc::new(crate::sandbox::SandboxExecutor::new(config)?)),
     }
 }
 

@@ -21,8 +21,20 @@ static ALLOCATOR: poseidon_lite::Allocator = poseidon_lite::Allocator;
 /// Timeout of every client call.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Test servers started by this process.
+static SERVERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// The image of the test environments.
+pub const TEST_IMAGE: &str = "openhpi/co_execenv_python:3.8";
+
 /// The token used by servers started with authentication.
 pub const TOKEN: &str = "s3cr3t-t0ken";
+
+/// Whether the process executor runs the tests (it takes claimed runners back after a restart
+/// and its file system view is the workspace).
+pub fn process_executor() -> bool {
+    executor_kind() == ExecutorKind::Process
+}
 
 /// Which executor a test server uses: `POSEIDON_TEST_EXECUTOR` (`process` by default).
 pub fn executor_kind() -> ExecutorKind {
@@ -47,6 +59,7 @@ pub struct TestServer {
     pub base: String,
     agent: ureq::Agent,
     pub token: Option<String>,
+    cgroup_name: String,
 }
 
 /// An HTTP answer.
@@ -102,9 +115,23 @@ impl TestServer {
         let mut config = Config::ephemeral(state.path());
         config.runner.executor = executor_kind();
         config.sandbox.agent = Some(env!("CARGO_BIN_EXE_poseidon-lite").into());
+        // The image CodeOcean's environments name, served by the host's file system.
+        config
+            .sandbox
+            .images
+            .insert(TEST_IMAGE.into(), "host".into());
+        // Parallel test servers (nextest runs each test in a process of its own) get cgroups
+        // and uid ranges of their own: 64 runners' worth each.
+        let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        config.sandbox.cgroup_name =
+            format!("poseidon-lite-server-test-{}-{n}", std::process::id());
+        let slot = (std::process::id().wrapping_mul(7) + n) % 256;
+        config.sandbox.uid_base = (1 << 31) + slot * 64 * 65536;
+        config.runner.capacity = 64;
         config.runner.prewarm_threads = 2;
         adjust(&mut config);
         let token = config.server.token.clone();
+        let cgroup_name = config.sandbox.cgroup_name.clone();
         let handle = Server::bind(config)
             .expect("server binds")
             .spawn()
@@ -121,6 +148,23 @@ impl TestServer {
             base,
             agent,
             token,
+            cgroup_name,
+        }
+    }
+
+    /// Ids of the runners that exist (idle or claimed), from the executor's per-runner
+    /// directories in the state directory.
+    pub fn runner_dirs(&self) -> std::collections::BTreeSet<String> {
+        let dir = match executor_kind() {
+            ExecutorKind::Process => "workspaces",
+            ExecutorKind::Sandbox => "sandbox",
+        };
+        match std::fs::read_dir(self.state.path().join(dir)) {
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Default::default(),
         }
     }
 
@@ -309,6 +353,12 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         if let Some(handle) = self.handle.take() {
             handle.shutdown();
+        }
+        // The executor removes its runners' groups; the server's own group per controller stays.
+        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+            for controller in controllers.flatten() {
+                let _ = std::fs::remove_dir(controller.path().join(&self.cgroup_name));
+            }
         }
     }
 }

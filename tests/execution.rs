@@ -287,3 +287,17 @@ fn a_websocket_from_a_foreign_origin_is_refused_and_the_execution_kept() {
     assert!(err.to_string().contains("403"), "{err}");
     assert_eq!(server.connect(&url).transcript().exit_code(), Some(0));
 }
+
+#[test]
+fn programs_do_not_inherit_the_servers_raised_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    // The binary raises its own limit to the maximum; do the same here so the check can fail.
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    setrlimit(Resource::Nofile, limit).expect("raise the limit");
+    let server = TestServer::start();
+    let runner = server.ready_runner();
+    let transcript = server.run(&runner, "ulimit -n");
+    let files: u64 = transcript.stdout.trim().parse().expect("a number");
+    assert!(files <= 1024, "{files}");
+}

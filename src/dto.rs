@@ -209,8 +209,77 @@ pub enum WsMessage {
 impl WsMessage {
     /// The message as JSON text.
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+        match self {
+            WsMessage::Stdout(text) => output_json("stdout", text),
+            WsMessage::Stderr(text) => output_json("stderr", text),
+            other => serde_json::to_string(other).unwrap_or_default(),
+        }
     }
+}
+
+/// How each byte is escaped in a JSON string: 0 = as is, `u` = `\u00XX`, else `\` and
+/// that character.
+const ESCAPES: [u8; 256] = {
+    let mut table = [0; 256];
+    let mut byte = 0;
+    while byte < 0x20 {
+        table[byte] = b'u';
+        byte += 1;
+    }
+    table[b'\n' as usize] = b'n';
+    table[b'\r' as usize] = b'r';
+    table[b'\t' as usize] = b't';
+    table[0x08] = b'b';
+    table[0x0c] = b'f';
+    table[b'"' as usize] = b'"';
+    table[b'\\' as usize] = b'\\';
+    table
+};
+
+/// `{"type":"<kind>","data":"<text>"}` exactly as serde_json writes it, but faster: program
+/// output is the bulk of what the server sends, and it is often dense with escapes (one per
+/// two bytes for `yes`), where serde_json's general writer makes a call per escape.
+pub fn output_json(kind: &str, text: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = text.as_bytes();
+    // First the exact size, then every byte written without checks for capacity: escapes are
+    // often too dense (`y\r\n`) for copying the runs between them to pay off.
+    let extra: usize = bytes
+        .iter()
+        .map(|&byte| match ESCAPES[usize::from(byte)] {
+            0 => 0,
+            b'u' => 5,
+            _ => 1,
+        })
+        .sum();
+    let mut json = Vec::with_capacity(bytes.len() + extra + kind.len() + 24);
+    json.extend_from_slice(br#"{"type":""#);
+    json.extend_from_slice(kind.as_bytes());
+    json.extend_from_slice(br#"","data":""#);
+    let at = json.len();
+    json.resize(at + bytes.len() + extra, 0);
+    let mut out = at;
+    for &byte in bytes {
+        match ESCAPES[usize::from(byte)] {
+            0 => {
+                json[out] = byte;
+                out += 1;
+            }
+            b'u' => {
+                let (high, low) = (HEX[usize::from(byte >> 4)], HEX[usize::from(byte & 15)]);
+                json[out..out + 6].copy_from_slice(&[b'\\', b'u', b'0', b'0', high, low]);
+                out += 6;
+            }
+            escape => {
+                json[out] = b'\\';
+                json[out + 1] = escape;
+                out += 2;
+            }
+        }
+    }
+    json.extend_from_slice(br#""}"#);
+    // Only ASCII bytes were replaced, by ASCII: the text stays valid UTF-8.
+    String::from_utf8(json).expect("escaping keeps UTF-8 valid")
 }
 
 #[cfg(test)]
@@ -233,6 +302,27 @@ mod tests {
             WsMessage::Error("x".into()).to_json(),
             r#"{"type":"error","data":"x"}"#
         );
+    }
+
+    #[test]
+    fn output_is_encoded_exactly_as_serde_json_would() {
+        let texts = [
+            "",
+            "plain",
+            "y\r\ny\r\n",
+            "quote \" backslash \\ tab \t",
+            "\u{0}\u{1}\u{8}\u{b}\u{c}\u{1f}\u{7f}",
+            "grüße 🦀 \u{fffd}",
+            "</script>&<>",
+        ];
+        for text in texts {
+            let expected = serde_json::to_string(&WsMessage::Stdout(text.into())).unwrap();
+            assert_eq!(output_json("stdout", text), expected, "{text:?}");
+            assert_eq!(
+                WsMessage::Stderr(text.into()).to_json(),
+                expected.replace("stdout", "stderr")
+            );
+        }
     }
 
     #[test]

@@ -165,6 +165,7 @@ impl Bench<'_> {
             ));
         }
         let seconds = run.round_trip.as_secs_f64();
+        let bare_pty_mb_per_s = bare_pty(command)?;
         Ok(Output {
             command,
             program_bytes: OUTPUT_BYTES,
@@ -172,6 +173,7 @@ impl Bench<'_> {
             stdout_messages: run.stdout_frames,
             seconds,
             mb_per_s: OUTPUT_BYTES as f64 / seconds / 1e6,
+            bare_pty_mb_per_s,
             rss_before_kib,
             peak_rss_kib,
             // /proc counts in hundredths of a second.
@@ -179,6 +181,38 @@ impl Bench<'_> {
             client_cpu_s: ((after.1 - before.1) * 100.0).round() / 100.0,
         })
     }
+}
+
+/// The same program's output read straight from a pseudo-terminal set up as the server sets up
+/// its terminals, without the server: the kernel's ceiling for this measure on this host.
+fn bare_pty(command: &str) -> Result<f64, String> {
+    use std::process::Stdio;
+    let (master, slave) =
+        poseidon_lite::executor::pty::open().map_err(|err| format!("cannot open a pty: {err}"))?;
+    let started = Instant::now();
+    let mut child = Command::new("/bin/bash")
+        .args(["-c", command])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(slave))
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|err| format!("cannot run {command:?}: {err}"))?;
+    let mut buffer = vec![0; 64 << 10];
+    let mut bytes = 0u64;
+    // Reading ends with EIO once the program (and its pipeline) closed the terminal.
+    while let Ok(n @ 1..) = rustix::io::read(&master, &mut buffer) {
+        bytes += n as u64;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    child
+        .wait()
+        .map_err(|err| format!("cannot wait for {command:?}: {err}"))?;
+    if bytes != OUTPUT_BYTES {
+        return Err(format!(
+            "bare pty: read {bytes} bytes of `{command}`, expected {OUTPUT_BYTES}"
+        ));
+    }
+    Ok(OUTPUT_BYTES as f64 / seconds / 1e6)
 }
 
 /// Median and 99th percentile of `FORKS` bare fork+exec+wait of `argv`.

@@ -121,6 +121,9 @@ pub struct Output {
     pub seconds: f64,
     /// Program output per second (MB = 10^6 bytes).
     pub mb_per_s: f64,
+    /// The same output read straight from a pseudo-terminal in the same run, without the
+    /// server: the kernel's ceiling on this host.
+    pub bare_pty_mb_per_s: f64,
     /// Server RSS before, in KiB.
     pub rss_before_kib: u64,
     /// Server peak RSS during the execution, in KiB.
@@ -135,8 +138,9 @@ impl Output {
     /// Throughput and memory.
     pub fn show(&self) -> String {
         format!(
-            "{:.0} MB/s ({} msgs), RSS {:.1} -> {}",
+            "{:.0} MB/s (bare pty {:.0}, {} msgs), RSS {:.1} -> {}",
             self.mb_per_s,
+            self.bare_pty_mb_per_s,
             self.stdout_messages,
             self.rss_before_kib as f64 / 1024.0,
             mib(self.peak_rss_kib)

@@ -93,7 +93,13 @@ const TARGETS: &[Target] = &[
         check: |f| {
             let output = &f.executions.outputs[1];
             let grew = output.peak_rss_kib.saturating_sub(output.rss_before_kib);
-            let value = format!("{:.0} MB/s, +{}", output.mb_per_s, mib(grew));
+            // The kernel's terminal is shown beside it: the target cannot beat it.
+            let value = format!(
+                "{:.0} MB/s (bare pty {:.0}), +{}",
+                output.mb_per_s,
+                output.bare_pty_mb_per_s,
+                mib(grew)
+            );
             verdict(value, output.mb_per_s >= 100.0 && grew <= FLAT_KIB)
         },
     },

@@ -22,8 +22,8 @@ use rustix::{
 
 use crate::executor::{ExitWatch, Kill, Outcome, Process};
 
-/// Largest chunk read from a stream at once.
-const CHUNK: usize = 16 << 10;
+/// Largest output event (several reads of a stream are gathered into one).
+const CHUNK: usize = 64 << 10;
 /// Chunks buffered between the I/O thread and the consumer.
 const QUEUE: usize = 8;
 /// How long output may still trickle in after the process ended (descendants that escaped its
@@ -58,7 +58,9 @@ impl Running {
         let (stdin_reader, stdin) = io::pipe()?;
         let (tx, events) = crossbeam_channel::bounded(QUEUE);
         let cancel = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        // Both streams are read until they have nothing more (see `read_output`).
         rustix::fs::fcntl_setfl(&process.pty, OFlags::NONBLOCK)?;
+        rustix::fs::fcntl_setfl(&process.stderr, OFlags::NONBLOCK)?;
         let pump = Pump {
             pty: process.pty,
             pty_open: true,
@@ -115,16 +117,13 @@ struct Pump {
 /// The terminal's `ONLCR` output mapping: every `\n` becomes `\r\n`, exactly what the kernel
 /// would produce with its output processing on (see [`crate::executor::pty`]).
 pub fn onlcr(bytes: &[u8]) -> Vec<u8> {
-    let newlines = bytes.iter().filter(|b| **b == b'\n').count();
-    let mut mapped = Vec::with_capacity(bytes.len() + newlines);
-    for line in bytes.split_inclusive(|b| *b == b'\n') {
-        match line.split_last() {
-            Some((b'\n', text)) => {
-                mapped.extend_from_slice(text);
-                mapped.extend_from_slice(b"\r\n");
-            }
-            _ => mapped.extend_from_slice(line),
+    // Byte by byte: output of one-character lines (`yes`) makes run-wise copying slower.
+    let mut mapped = Vec::with_capacity(bytes.len() + bytes.len() / 4);
+    for &byte in bytes {
+        if byte == b'\n' {
+            mapped.push(b'\r');
         }
+        mapped.push(byte);
     }
     mapped
 }
@@ -233,22 +232,32 @@ impl Pump {
             .map_err(|_| io::Error::other("the consumer is gone"))
     }
 
-    /// Reads one chunk of output; end of stream (EOF, or EIO once the terminal's last slave
-    /// descriptor is closed) closes that stream.
+    /// Reads what a stream has ready, up to one chunk, and sends it as one event; end of
+    /// stream (EOF, or EIO once the terminal's last slave descriptor is closed) closes it.
+    /// Gathering several reads into one event matters for fast output: a terminal hands out at
+    /// most a few KiB per read, and every event becomes a WebSocket message.
     fn read_output(&mut self, terminal: bool, buffer: &mut [u8]) -> io::Result<()> {
         let fd = match (terminal, &self.stderr) {
             (true, _) if self.pty_open => self.pty.as_fd(),
             (false, Some(stderr)) => stderr.as_fd(),
             _ => return Ok(()),
         };
-        let ended = match rustix::io::read(fd, &mut *buffer) {
-            Ok(0) | Err(Errno::IO) => true,
-            Ok(n) if terminal => return self.send(Event::Stdout(onlcr(&buffer[..n]))),
-            Ok(n) => return self.send(Event::Stderr(buffer[..n].to_vec())),
-            Err(Errno::AGAIN) | Err(Errno::INTR) => false,
-            Err(errno) => {
-                log::debug!("reading execution output failed: {errno}");
-                true
+        let mut filled = 0;
+        let ended = loop {
+            match rustix::io::read(fd, &mut buffer[filled..]) {
+                Ok(0) | Err(Errno::IO) => break true,
+                Ok(n) => {
+                    filled += n;
+                    if filled == buffer.len() {
+                        break false;
+                    }
+                }
+                Err(Errno::AGAIN) => break false,
+                Err(Errno::INTR) => {}
+                Err(errno) => {
+                    log::debug!("reading execution output failed: {errno}");
+                    break true;
+                }
             }
         };
         match (ended, terminal) {
@@ -256,7 +265,11 @@ impl Pump {
             (true, false) => self.stderr = None,
             (false, _) => {}
         }
-        Ok(())
+        match (filled, terminal) {
+            (0, _) => Ok(()),
+            (n, true) => self.send(Event::Stdout(onlcr(&buffer[..n]))),
+            (n, false) => self.send(Event::Stderr(buffer[..n].to_vec())),
+        }
     }
 
     fn read_stdin(&mut self, buffer: &mut [u8]) {

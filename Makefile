@@ -26,7 +26,7 @@ doc: ## API documentation, warnings are errors
 examples: ## build the examples
 	cargo build --locked --examples
 
-ci: lint test doc examples ## everything CI checks
+ci: lint test doc examples ## everything CI checks (lint, tests, docs, examples)
 
 bench: ## performance dashboard: release server, both executors, table + target/bench/results.json
 	cargo bench --locked --bench dashboard

@@ -15,7 +15,7 @@ use crate::config::{Config, ExecutorKind};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 pub struct Cli {
-    /// TOML configuration file (sections [server], [runner], [sandbox], [state], [logger]).
+    /// TOML configuration file (sections `[server]`, `[runner]`, `[sandbox]`, `[state]`, `[logger]`).
     #[arg(long, env = "POSEIDON_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -32,7 +32,7 @@ pub struct Cli {
     #[arg(long, env = "POSEIDON_SERVER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// server.websocket_url: public base of WebSocket URLs (e.g. wss://runners.example.org)
-    /// when behind a proxy [default: ws://<request Host>:<WebSocket port>].
+    /// when behind a proxy [default: ws://HOST:PORT with the request's Host and the WebSocket port].
     #[arg(long, env = "POSEIDON_SERVER_WEBSOCKET_URL")]
     pub websocket_url: Option<String>,
     /// server.workers: HTTP worker threads [default: 8].

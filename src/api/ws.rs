@@ -1,6 +1,6 @@
 //! The WebSocket listener: its own `TcpListener`, one thread per connection. The handshake
 //! checks path, token, runner and execution and answers 401/404/410 as plain HTTP before any
-//! upgrade; then the connection becomes an execution [`session`](super::session).
+//! upgrade; then the connection becomes an execution [`super::session`].
 
 use std::{
     io::{self, Read, Write},

@@ -3,40 +3,13 @@
 
 mod support;
 
-use std::{collections::BTreeSet, fmt};
+use std::collections::BTreeSet;
 
-use serde::{
-    Deserialize, Deserializer,
-    de::{IgnoredAny, MapAccess, Visitor},
-};
+use serde::Deserialize;
 use serde_json::{Value, json};
-use support::{Answer, TestServer, environment_body, eventually};
+use support::{Answer, KeyOrder, TestServer, environment_body, eventually};
 
 const IMAGE: &str = "openhpi/co_execenv_python:3.8";
-
-/// The keys of a JSON object in the order they were sent.
-#[derive(Debug)]
-struct KeyOrder(Vec<String>);
-
-impl<'de> Deserialize<'de> for KeyOrder {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Keys;
-        impl<'de> Visitor<'de> for Keys {
-            type Value = KeyOrder;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<KeyOrder, A::Error> {
-                let mut keys = Vec::new();
-                while let Some((key, IgnoredAny)) = map.next_entry::<String, IgnoredAny>()? {
-                    keys.push(key);
-                }
-                Ok(KeyOrder(keys))
-            }
-        }
-        deserializer.deserialize_map(Keys)
-    }
-}
 
 /// A PUT body like CodeOcean's with some fields changed.
 fn body_with(id: u64, pool: u32, changes: Value) -> Value {

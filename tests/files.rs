@@ -5,7 +5,6 @@
 mod support;
 
 use std::{
-    fmt,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     path::Path,
@@ -13,12 +12,9 @@ use std::{
     time::Duration,
 };
 
-use serde::{
-    Deserialize, Deserializer,
-    de::{IgnoredAny, MapAccess, Visitor},
-};
+use serde::Deserialize;
 use serde_json::{Value, json};
-use support::{Answer, TIMEOUT, TestServer, base64};
+use support::{Answer, KeyOrder, TIMEOUT, TestServer, base64};
 
 const NOT_FOUND: &str = r#"{"message":"file not found or insufficient permissions"}"#;
 
@@ -92,30 +88,6 @@ fn assert_downloads(server: &TestServer, runner: &str, path: &str, content: &[u8
     let answer = download(server, runner, path);
     assert_eq!(answer.status, 200, "{path}: {}", answer.text());
     assert_eq!(answer.body, content, "{path}");
-}
-
-/// The keys of a JSON object in the order they were sent.
-#[derive(Debug)]
-struct KeyOrder(Vec<String>);
-
-impl<'de> Deserialize<'de> for KeyOrder {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Keys;
-        impl<'de> Visitor<'de> for Keys {
-            type Value = KeyOrder;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<KeyOrder, A::Error> {
-                let mut keys = Vec::new();
-                while let Some((key, IgnoredAny)) = map.next_entry::<String, IgnoredAny>()? {
-                    keys.push(key);
-                }
-                Ok(KeyOrder(keys))
-            }
-        }
-        deserializer.deserialize_map(Keys)
-    }
 }
 
 /// Runs learner code that plants files or links.

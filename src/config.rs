@@ -89,6 +89,11 @@ impl ServerConfig {
         }
     }
 
+    /// The token clients must send; an empty one means no authentication, as in Poseidon.
+    pub fn required_token(&self) -> Option<&str> {
+        self.token.as_deref().filter(|token| !token.is_empty())
+    }
+
     /// [`ServerConfig::websocket_timeout_secs`] as a duration.
     pub fn websocket_timeout(&self) -> Duration {
         Duration::from_secs(self.websocket_timeout_secs.max(1))
@@ -281,6 +286,12 @@ mod tests {
             config.sandbox.images["openhpi/co_execenv_python:3.8"],
             "host"
         );
+    }
+
+    #[test]
+    fn an_empty_token_means_no_authentication() {
+        let config = Config::from_toml("[server]\ntoken = \"\"\n").unwrap();
+        assert_eq!(config.server.required_token(), None);
     }
 
     #[test]

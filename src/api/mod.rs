@@ -190,7 +190,7 @@ fn handle(app: &App, request: &mut tiny_http::Request) -> (Reply, bool) {
 
 /// Compares the `Poseidon-Token` header in constant time.
 fn authorized(app: &App, request: &tiny_http::Request) -> bool {
-    let Some(token) = app.server.token.as_deref() else {
+    let Some(token) = app.server.required_token() else {
         return true;
     };
     request
@@ -202,7 +202,7 @@ fn authorized(app: &App, request: &tiny_http::Request) -> bool {
 
 /// Checks a token sent to the WebSocket listener.
 pub fn token_matches(server: &ServerConfig, sent: Option<&[u8]>) -> bool {
-    match (server.token.as_deref(), sent) {
+    match (server.required_token(), sent) {
         (None, _) => true,
         (Some(token), Some(sent)) => bool::from(sent.ct_eq(token.as_bytes())),
         (Some(_), None) => false,

@@ -152,6 +152,7 @@ impl Cli {
             &mut server.websocket_timeout_secs,
             self.websocket_timeout_secs,
         );
+        set(&mut server.http_timeout_secs, self.http_timeout_secs);
         set_some(&mut server.release, self.release);
         let runner = &mut config.runner;
         set(&mut runner.executor, self.executor);
@@ -204,10 +205,13 @@ mod tests {
             "process",
             "--image",
             "openhpi/co_execenv_python:3.8=host",
+            "--http-timeout-secs",
+            "9",
         ])
         .unwrap();
         let config = cli.into_config().unwrap();
         assert_eq!(config.server.port, 0);
+        assert_eq!(config.server.http_timeout_secs, 9);
         assert_eq!(
             config.sandbox.images["openhpi/co_execenv_python:3.8"],
             "host"

@@ -256,6 +256,7 @@ impl Config {
         config.server.port = 0;
         config.server.websocket_port = Some(0);
         config.state.dir = state_dir.into();
+        config.runner.executor = ExecutorKind::Process;
         config
     }
 }

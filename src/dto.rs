@@ -13,23 +13,25 @@ use crate::{
 };
 
 /// Parses the first JSON value of a request body, which must be an object (as Go decodes
-/// bodies into structs; serde alone would also accept an array of the fields).
+/// bodies into structs; serde alone would also accept an array of the fields). The body is
+/// deserialized straight into `T`: an intermediate `serde_json::Value` would multiply the
+/// memory a large body takes.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
-    let mut values = serde_json::Deserializer::from_slice(body).into_iter::<serde_json::Value>();
-    let value = match values.next() {
-        Some(Ok(value)) => value,
-        Some(Err(err)) if err.is_eof() && body.iter().all(u8::is_ascii_whitespace) => {
-            return Err(Error::bad_request("request body is empty"));
-        }
-        Some(Err(err)) => return Err(Error::bad_request(format!("invalid request body: {err}"))),
+    match body.iter().find(|byte| !byte.is_ascii_whitespace()) {
         None => return Err(Error::bad_request("request body is empty")),
-    };
-    if !value.is_object() {
-        return Err(Error::bad_request(
-            "invalid request body: expected a JSON object",
-        ));
+        Some(b'{') => {}
+        Some(_) => {
+            return Err(Error::bad_request(
+                "invalid request body: expected a JSON object",
+            ));
+        }
     }
-    T::deserialize(value).map_err(|err| Error::bad_request(format!("invalid request body: {err}")))
+    let mut values = serde_json::Deserializer::from_slice(body).into_iter::<T>();
+    match values.next() {
+        Some(Ok(value)) => Ok(value),
+        Some(Err(err)) => Err(Error::bad_request(format!("invalid request body: {err}"))),
+        None => Err(Error::bad_request("request body is empty")),
+    }
 }
 
 /// Deserializes `null` like a missing field: as the type's default.
@@ -37,6 +39,48 @@ fn nullable<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(
     deserializer: D,
 ) -> std::result::Result<T, D::Error> {
     Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// Most entries of a `PATCH /files` list: far beyond any exercise, and a body of 64 MiB of
+/// `{},` stays a few MiB of memory instead of gigabytes.
+pub const MAX_FILE_ENTRIES: usize = 10_000;
+
+/// Deserializes a list that may be `null`, refusing more than [`MAX_FILE_ENTRIES`] entries
+/// while it is read (not after it was allocated).
+fn bounded_list<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> std::result::Result<Vec<T>, D::Error> {
+    use serde::de::{Error as _, SeqAccess, Visitor};
+    use std::marker::PhantomData;
+
+    struct List<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for List<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list")
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<Vec<T>, E> {
+            Ok(Vec::new())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Vec<T>, A::Error> {
+            let mut list = Vec::new();
+            while let Some(entry) = seq.next_element()? {
+                if list.len() == MAX_FILE_ENTRIES {
+                    return Err(A::Error::custom(format!(
+                        "more than {MAX_FILE_ENTRIES} entries"
+                    )));
+                }
+                list.push(entry);
+            }
+            Ok(list)
+        }
+    }
+
+    deserializer.deserialize_any(List(PhantomData))
 }
 
 /// `POST /runners`.
@@ -105,10 +149,10 @@ pub struct FileCopy {
 #[serde(default)]
 pub struct UpdateFileSystemRequest {
     /// Paths to delete first.
-    #[serde(deserialize_with = "nullable")]
+    #[serde(deserialize_with = "bounded_list")]
     pub delete: Vec<String>,
     /// Files to copy after deleting.
-    #[serde(deserialize_with = "nullable")]
+    #[serde(deserialize_with = "bounded_list")]
     pub copy: Vec<FileCopy>,
 }
 
@@ -335,6 +379,15 @@ mod tests {
             parse(br#"{"copy":[{"path":"a","content":null}],"delete":null}"#).unwrap();
         assert_eq!(update.copy[0].content, "");
         assert!(update.delete.is_empty());
+    }
+
+    #[test]
+    fn file_lists_are_bounded_while_they_are_read() {
+        let many = format!(r#"{{"copy":[{}{{}}]}}"#, "{},".repeat(MAX_FILE_ENTRIES));
+        let err = parse::<UpdateFileSystemRequest>(many.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("more than 10000 entries"), "{err}");
+        let wrong = parse::<UpdateFileSystemRequest>(br#"{"delete":"./*"}"#).unwrap_err();
+        assert!(wrong.to_string().contains("expected a list"), "{wrong}");
     }
 
     #[test]

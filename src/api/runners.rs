@@ -13,6 +13,10 @@ use crate::{
     manager::PendingExecution,
 };
 
+/// Largest command plus environment: the kernel refuses a longer single argument
+/// (`MAX_ARG_STRLEN`), so a longer command could never run.
+const MAX_COMMAND_BYTES: usize = 128 << 10;
+
 /// A runner id from a URL; ids that cannot be ours are unknown runners (410).
 fn runner_id(text: &str) -> Result<RunnerId> {
     RunnerId::parse(text).ok_or_else(|| Error::UnknownRunner(text.to_owned()))
@@ -152,6 +156,17 @@ fn pending_execution(body: ExecutionRequest) -> Result<PendingExecution> {
             "the command must not contain NUL characters",
         ));
     }
+    let size = body.command.len()
+        + body
+            .environment
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>();
+    if size > MAX_COMMAND_BYTES {
+        return Err(Error::bad_request(format!(
+            "command and environment exceed {MAX_COMMAND_BYTES} bytes"
+        )));
+    }
     let seconds = u64::try_from(body.time_limit)
         .map_err(|_| Error::bad_request("timeLimit must not be negative"))?;
     for (name, value) in &body.environment {
@@ -265,6 +280,7 @@ mod tests {
         assert!(
             message(request("true", 0, &[("1A", "x")])).contains("invalid environment variable")
         );
+        assert!(message(request(&"x".repeat(200_000), 0, &[])).contains("exceed 131072 bytes"));
         let ok = pending_execution(request("true", 5, &[("A_1", "x y")])).unwrap();
         assert_eq!(ok.time_limit, Some(Duration::from_secs(5)));
         assert_eq!(

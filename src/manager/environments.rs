@@ -30,9 +30,11 @@ impl Manager {
             effects.jobs = state.refill(self.limits.capacity);
             (created, effects)
         };
-        self.persist_environment(id)?;
+        // The definition is in effect even if writing it fails: finish what it started.
+        let persisted = self.persist_environment(id);
         let retired = effects.destroy.len();
         self.apply(effects);
+        persisted?;
         match created {
             true => log::info!("environment {id} created"),
             false => log::info!("environment {id} updated ({retired} idle runners retired)"),
@@ -63,9 +65,10 @@ impl Manager {
             }
             effects
         };
-        self.persist_environment(id)?;
+        let persisted = self.persist_environment(id);
         let runners = effects.destroy.len();
         self.apply(effects);
+        persisted?;
         log::info!("environment {id} deleted with {runners} runners");
         Ok(())
     }

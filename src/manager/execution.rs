@@ -8,7 +8,7 @@ use std::{
 
 use crossbeam_channel::Receiver;
 
-use super::{MAX_PENDING_EXECUTIONS, Manager, StopReason};
+use super::{Manager, StopReason};
 use crate::{
     error::{Error, Result},
     executor::{Command, Runner},
@@ -62,10 +62,7 @@ impl Manager {
             .get_mut(id)
             .ok_or_else(|| Error::unknown_runner(id))?;
         let execution = ExecutionId::new();
-        if claimed.pending.len() >= MAX_PENDING_EXECUTIONS {
-            claimed.pending.pop_front();
-        }
-        claimed.pending.push_back((execution, pending));
+        claimed.pending.push(execution, pending);
         Ok(execution)
     }
 
@@ -84,9 +81,9 @@ impl Manager {
                 .runners
                 .get_mut(id)
                 .ok_or_else(|| Error::unknown_runner(id))?;
-            let index = claimed.pending.iter().position(|(e, _)| *e == execution);
-            let (_, pending) = index
-                .and_then(|index| claimed.pending.remove(index))
+            let pending = claimed
+                .pending
+                .take(execution)
                 .ok_or(Error::UnknownExecution)?;
             claimed.active.insert(token, stop_tx);
             (

@@ -28,9 +28,6 @@ use crate::{
     store::{RecordWriter, RunnerRecord, Store},
 };
 
-/// Stored executions per runner; older ones are dropped beyond this.
-const MAX_PENDING_EXECUTIONS: usize = 1024;
-
 /// Why a running execution is stopped from outside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {

@@ -175,6 +175,49 @@ fn same_runners(a: &Environment, b: &Environment) -> bool {
     )
 }
 
+/// Stored executions per runner, oldest first.
+const MAX_PENDING_EXECUTIONS: usize = 1024;
+/// Bytes of commands and variables stored per runner.
+const MAX_PENDING_BYTES: usize = 4 << 20;
+
+/// Executions stored for a runner, waiting for their WebSocket. Poseidon keeps them until the
+/// runner goes; here the oldest are dropped beyond a count and a size, so that a client
+/// storing executions it never connects to cannot grow the server.
+#[derive(Debug, Default)]
+pub(super) struct PendingQueue {
+    entries: VecDeque<(ExecutionId, PendingExecution, usize)>,
+    bytes: usize,
+}
+
+impl PendingQueue {
+    /// Stores an execution, dropping the oldest ones beyond the limits.
+    pub fn push(&mut self, id: ExecutionId, execution: PendingExecution) {
+        let size = execution.command.command.len()
+            + execution
+                .command
+                .environment
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        self.entries.push_back((id, execution, size));
+        self.bytes += size;
+        while self.entries.len() > MAX_PENDING_EXECUTIONS || self.bytes > MAX_PENDING_BYTES {
+            let Some((_, _, size)) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= size;
+        }
+    }
+
+    /// Takes a stored execution out.
+    pub fn take(&mut self, id: ExecutionId) -> Option<PendingExecution> {
+        let index = self.entries.iter().position(|(entry, _, _)| *entry == id)?;
+        let (_, execution, size) = self.entries.remove(index)?;
+        self.bytes -= size;
+        Some(execution)
+    }
+}
+
 /// A claimed runner.
 #[derive(Debug)]
 pub(super) struct Claimed {
@@ -184,7 +227,7 @@ pub(super) struct Claimed {
     pub timeout: Duration,
     /// Generation of the latest timer arming.
     pub generation: u64,
-    pub pending: VecDeque<(ExecutionId, PendingExecution)>,
+    pub pending: PendingQueue,
     /// Running executions, to be told why they must stop.
     pub active: HashMap<u64, Sender<StopReason>>,
 }
@@ -196,7 +239,7 @@ impl Claimed {
             runner,
             timeout,
             generation: 1,
-            pending: VecDeque::new(),
+            pending: PendingQueue::default(),
             active: HashMap::new(),
         }
     }

@@ -48,6 +48,16 @@ impl TimerHeap {
                 deadline,
                 generation,
             } => {
+                // Commands are sent after the manager's lock is released, so two armings of
+                // one runner can arrive out of order: an older generation never replaces a
+                // newer one.
+                if self
+                    .current
+                    .get(&id)
+                    .is_some_and(|&current| current > generation)
+                {
+                    return;
+                }
                 self.current.insert(id.clone(), generation);
                 self.heap.push(Reverse((deadline, generation, id)));
             }
@@ -184,6 +194,17 @@ mod tests {
         assert_eq!(heap.next_deadline(), Some(now + Duration::from_secs(10)));
         assert!(heap.pop_due(now + Duration::from_secs(5)).is_empty());
         assert_eq!(heap.pop_due(now + Duration::from_secs(10)), vec![(id, 2)]);
+    }
+
+    #[test]
+    fn an_older_arming_arriving_late_is_ignored() {
+        let now = Instant::now();
+        let id = RunnerId::new(EnvironmentId(1));
+        let mut heap = TimerHeap::default();
+        arm(&mut heap, &id, now + Duration::from_secs(10), 3);
+        arm(&mut heap, &id, now + Duration::from_secs(5), 2);
+        assert!(heap.pop_due(now + Duration::from_secs(6)).is_empty());
+        assert_eq!(heap.pop_due(now + Duration::from_secs(10)), vec![(id, 3)]);
     }
 
     #[test]

@@ -335,3 +335,19 @@ fn the_seccomp_filter_refuses_what_learner_code_never_needs() {
         "nested\n"
     );
 }
+
+#[test]
+fn orphans_are_reaped_so_they_do_not_fill_the_process_limit() {
+    let Some(test) = TestExecutor::with(|config| config.sandbox.pids_limit = 64) else {
+        return;
+    };
+    let runner = test.runner();
+    // Each subshell's background child is orphaned at once; 300 of them exceed the limit of
+    // 64 processes unless the execution's reaper reaps them.
+    let orphans = run(
+        &*runner,
+        "for i in $(seq 300); do (true &); done; echo survived",
+    );
+    assert_eq!(orphans.stdout, "survived\n", "{orphans:?}");
+    assert_eq!(orphans.outcome, Outcome::Exited(0));
+}

@@ -180,57 +180,60 @@ impl Manager {
     /// Claims a runner of `env`: an idle one, or a new one while capacity remains.
     pub fn claim(self: &Arc<Self>, env: EnvironmentId, timeout: Duration) -> Result<RunnerId> {
         let now = Instant::now();
-        let (claimed, spec) = {
+        let spec = {
             let mut state = self.lock();
+            if state.closing {
+                return Err(Error::NoRunnerAvailable);
+            }
             let total = state.total();
-            let Some(env_state) = state.environments.get_mut(&env) else {
-                return Err(Error::UnknownEnvironment(env));
-            };
+            let env_state = state
+                .environments
+                .get_mut(&env)
+                .ok_or(Error::UnknownEnvironment(env))?;
             match env_state.idle.pop_front() {
-                Some((id, runner)) => (Some((id, runner, env_state.spec.clone())), None),
+                // Taken and registered under one lock, so the counts never miss it.
+                Some((id, runner)) => {
+                    let environment = env_state.spec.clone();
+                    return Ok(self.register(state, id, runner, environment, timeout, now));
+                }
                 None if total < self.limits.capacity => {
                     let spec = env_state.spec.clone();
                     state.creating += 1;
-                    (None, Some(spec))
+                    spec
                 }
                 None => return Err(Error::NoRunnerAvailable),
             }
         };
-        let (id, runner, environment) = match (claimed, spec) {
-            (Some(claimed), _) => claimed,
-            (None, Some(spec)) => {
-                let id = RunnerId::new(env);
-                let created = self.executor.create(&id, &runner_spec(&spec));
-                self.lock().creating -= 1;
-                (id, created?, spec)
-            }
-            (None, None) => unreachable!("claim decided neither to take nor to create"),
-        };
-        self.insert_claimed(id, runner, environment, timeout, now)
+        let id = RunnerId::new(env);
+        let created = self.executor.create(&id, &runner_spec(&spec));
+        let mut state = self.lock();
+        state.creating -= 1;
+        let runner = created?;
+        // The environment may have gone, or the server begun to stop, meanwhile.
+        if state.closing || !state.environments.contains_key(&env) {
+            drop(state);
+            runner.destroy();
+            return Err(Error::UnknownEnvironment(env));
+        }
+        Ok(self.register(state, id, runner, spec, timeout, now))
     }
 
-    fn insert_claimed(
+    /// Registers a claimed runner, then (unlocked) arms its timer, records it and refills.
+    fn register(
         &self,
+        mut state: MutexGuard<'_, State>,
         id: RunnerId,
         runner: Arc<dyn Runner>,
         environment: Environment,
         timeout: Duration,
         now: Instant,
-    ) -> Result<RunnerId> {
-        let env = EnvironmentId(environment.id);
+    ) -> RunnerId {
         let mut effects = Effects::default();
-        {
-            let mut state = self.lock();
-            if !state.environments.contains_key(&env) {
-                drop(state);
-                runner.destroy();
-                return Err(Error::UnknownEnvironment(env));
-            }
-            let claimed = Claimed::new(env, runner, timeout);
-            effects.timer.extend(claimed.arm(&id, now));
-            state.insert_claimed(id.clone(), claimed);
-            effects.jobs = state.refill(self.limits.capacity);
-        }
+        let claimed = Claimed::new(EnvironmentId(environment.id), runner, timeout);
+        effects.timer.extend(claimed.arm(&id, now));
+        state.insert_claimed(id.clone(), claimed);
+        effects.jobs = state.refill(self.limits.capacity);
+        drop(state);
         if let Some(records) = &self.records {
             let inactivity_timeout = timeout.as_secs();
             records.save(RunnerRecord {
@@ -240,7 +243,7 @@ impl Manager {
             });
         }
         self.apply(effects);
-        Ok(id)
+        id
     }
 
     /// Destroys a claimed runner.

@@ -9,6 +9,7 @@ use std::{
     ffi::{CStr, CString},
     io,
     os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{FromRawFd, OwnedFd},
     ptr,
 };
 
@@ -87,6 +88,26 @@ pub(crate) fn ignore_children(ignore: bool) {
     let handler = if ignore { libc::SIG_IGN } else { libc::SIG_DFL };
     // SAFETY: installing SIG_IGN or SIG_DFL runs no code of ours in signal context.
     unsafe { libc::signal(libc::SIGCHLD, handler) };
+}
+
+/// Blocks `SIGCHLD` and returns a non-blocking signalfd that becomes readable when a child
+/// changes state, so that a process can wait for children and other descriptors together.
+pub(crate) fn child_signals() -> io::Result<OwnedFd> {
+    // SAFETY: the sigset is initialised by sigemptyset before sigaddset, sigprocmask and
+    // signalfd read it; signalfd returns a new descriptor that nothing else owns.
+    unsafe {
+        let mut set = std::mem::zeroed::<libc::sigset_t>();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        if libc::sigprocmask(libc::SIG_BLOCK, &set, ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
 }
 
 /// Restores what a freshly started program expects: default `SIGPIPE` and `SIGCHLD` (the

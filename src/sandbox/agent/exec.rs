@@ -207,15 +207,26 @@ fn raise_oom_score() -> io::Result<()> {
     written
 }
 
-/// Waits for the command or the server; returns the reaper's exit code.
+/// Waits for the command or the server; returns the reaper's exit code. As pid 1 of the
+/// execution's pid namespace the reaper inherits every orphan of the command, and reaps them
+/// too: left as zombies they would fill the runner's process limit.
 fn wait(op: &OwnedFd, child: Pid) -> i32 {
-    let Ok(pidfd) = rustix::process::pidfd_open(child, rustix::process::PidfdFlags::empty()) else {
+    let Ok(children) = sys::child_signals() else {
         return 1;
     };
     loop {
+        // Children that ended before SIGCHLD was blocked are found here as well.
+        match reap(child) {
+            Ok(Some(reply)) => {
+                let _ = protocol::send_reply(op.as_fd(), &reply, &[]);
+                return 0;
+            }
+            Ok(None) => {}
+            Err(_) => return 1,
+        }
         let mut fds = [
             PollFd::new(op, PollFlags::IN),
-            PollFd::new(&pidfd, PollFlags::IN),
+            PollFd::new(&children, PollFlags::IN),
         ];
         match rustix::event::poll(&mut fds, None) {
             Err(rustix::io::Errno::INTR) => continue,
@@ -226,20 +237,27 @@ fn wait(op: &OwnedFd, child: Pid) -> i32 {
         if !fds[0].revents().is_empty() {
             return 1;
         }
-        if fds[1].revents().is_empty() {
+        let mut info = [0u8; 128];
+        while rustix::io::read(&children, &mut info).is_ok_and(|n| n > 0) {}
+    }
+}
+
+/// Reaps every ended child; the command's end as a reply, once it has ended.
+fn reap(command: Pid) -> io::Result<Option<Reply>> {
+    loop {
+        let (pid, status) = match rustix::process::wait(WaitOptions::NOHANG) {
+            Ok(Some(ended)) => ended,
+            Ok(None) | Err(rustix::io::Errno::CHILD) => return Ok(None),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(errno) => return Err(errno.into()),
+        };
+        if pid != command {
             continue;
         }
-        let status = match rustix::process::waitpid(Some(child), WaitOptions::NOHANG) {
-            Ok(Some((_, status))) => status,
-            Ok(None) | Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return 1,
-        };
-        let reply = match (status.exit_status(), status.terminating_signal()) {
-            (Some(code), _) => Reply::Exited(code),
-            (None, Some(signal)) => Reply::Signaled(signal),
+        return Ok(match (status.exit_status(), status.terminating_signal()) {
+            (Some(code), _) => Some(Reply::Exited(code)),
+            (None, Some(signal)) => Some(Reply::Signaled(signal)),
             (None, None) => continue,
-        };
-        let _ = protocol::send_reply(op.as_fd(), &reply, &[]);
-        return 0;
+        });
     }
 }

@@ -126,3 +126,28 @@ fn a_client_that_does_not_read_output_slows_the_program_without_growing_the_serv
     let transcript = server.run(&runner, &check);
     assert_eq!(transcript.stdout, "stopped\r\n");
 }
+
+#[test]
+fn a_websocket_client_that_trickles_its_handshake_is_cut_off() {
+    let server = TestServer::start_with(|config| config.server.websocket_timeout_secs = 1);
+    let stream = TcpStream::connect(server.handle().websocket_addr()).expect("connect");
+    let mut trickle = stream.try_clone().expect("clone");
+    // One byte well within the read timeout, forever: only an overall deadline ends this.
+    std::thread::spawn(move || {
+        for byte in b"GET /api/v1/runners/1-x/websocket HTTP/1.1\r\nX-Padding: "
+            .iter()
+            .cycle()
+        {
+            if trickle.write_all(&[*byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let mut reader = stream;
+    reader.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut received = Vec::new();
+    let closed = reader.read_to_end(&mut received);
+    assert!(closed.is_ok(), "the server kept the connection: {closed:?}");
+    assert!(!String::from_utf8_lossy(&received).contains(" 101 "));
+}

@@ -10,6 +10,7 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     thread,
+    time::{Duration, Instant},
 };
 
 use tungstenite::{
@@ -28,18 +29,30 @@ use crate::{
 
 /// Connections handled at once; more are closed right away.
 const MAX_CONNECTIONS: usize = 4096;
+/// Pause after a failed `accept()`.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// A TCP stream that can be told to drop what is written to it: the reading side of a session
 /// must never write, because tungstenite's automatic replies would interleave with the frames
 /// the writing side sends.
+/// While it has a deadline (during the handshake), every read waits at most until then, so a
+/// client that trickles its request in byte by byte is cut off all the same.
 #[derive(Debug)]
 pub struct Conn {
     stream: TcpStream,
     discard_writes: bool,
+    deadline: Option<Instant>,
 }
 
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.stream.set_read_timeout(Some(left))?;
+        }
         self.stream.read(buf)
     }
 }
@@ -69,18 +82,27 @@ pub fn serve(listener: TcpListener, app: Arc<App>, stop: Arc<AtomicBool>) {
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(stream) = stream else { continue };
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(err) => {
+                // Out of descriptors, say: wait a moment instead of spinning on the error.
+                log::warn!("cannot accept a WebSocket connection: {err}");
+                thread::sleep(ACCEPT_BACKOFF);
+                continue;
+            }
+        };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
             log::warn!("too many WebSocket connections; closing a new one");
             continue;
         }
-        let (app, active) = (Arc::clone(&app), Arc::clone(&active));
+        let (app, connections) = (Arc::clone(&app), Arc::clone(&active));
         let spawned = thread::Builder::new().name("ws".into()).spawn(move || {
             connection(&app, stream);
-            active.fetch_sub(1, Ordering::SeqCst);
+            connections.fetch_sub(1, Ordering::SeqCst);
         });
         if let Err(err) = spawned {
+            active.fetch_sub(1, Ordering::SeqCst);
             log::error!("cannot start a WebSocket thread: {err}");
         }
     }
@@ -110,6 +132,7 @@ fn connection(app: &App, stream: TcpStream) {
     let conn = Conn {
         stream,
         discard_writes: false,
+        deadline: Some(Instant::now() + app.server.websocket_timeout()),
     };
     let mut websocket = match tungstenite::accept_hdr_with_config(conn, callback, Some(config)) {
         Ok(websocket) => websocket,
@@ -121,6 +144,7 @@ fn connection(app: &App, stream: TcpStream) {
     };
     let Some(started) = started else { return };
     websocket.get_mut().discard_writes = true;
+    websocket.get_mut().deadline = None;
     // From here the reader waits for the client as long as the execution runs.
     let _ = websocket.get_ref().stream.set_read_timeout(None);
     session::run(app, websocket, writer, config, started);

@@ -138,7 +138,10 @@ impl Runner for ProcessRunner {
             Pid::from_raw(child.id() as i32).ok_or_else(|| Error::Internal("no pid".into()))?;
         let pidfd =
             rustix::process::pidfd_open(pid, PidfdFlags::empty()).map_err(io::Error::from)?;
-        let kill = Arc::new(GroupKill { group: pid });
+        let kill = Arc::new(GroupKill {
+            group: pid,
+            reaped: AtomicBool::new(false),
+        });
         {
             let mut live = self.live.lock().expect("live list poisoned");
             live.retain(|kill| kill.strong_count() > 0);
@@ -212,12 +215,16 @@ impl ProcessRunner {
 #[derive(Debug)]
 struct GroupKill {
     group: Pid,
+    /// Set once the leader is reaped: its pid, and so the group id, may then be reused by an
+    /// unrelated process, so nothing is signalled any more.
+    reaped: AtomicBool,
 }
 
 impl Kill for GroupKill {
     fn kill(&self) {
-        // The group id stays valid while any member lives, even after the leader was reaped.
-        let _ = rustix::process::kill_process_group(self.group, Signal::KILL);
+        if !self.reaped.load(Ordering::SeqCst) {
+            let _ = rustix::process::kill_process_group(self.group, Signal::KILL);
+        }
     }
 }
 
@@ -234,14 +241,17 @@ impl ExitWatch for PidfdWatch {
     }
 
     fn outcome(&mut self) -> io::Result<Option<Outcome>> {
+        let leader = || rustix::process::WaitId::PidFd(self.pidfd.as_fd());
         let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG;
-        let Some(status) =
-            rustix::process::waitid(rustix::process::WaitId::PidFd(self.pidfd.as_fd()), options)?
+        // Look without reaping first: while the leader is a zombie its group id cannot be
+        // reused, so what the command left running in its group is killed safely.
+        let Some(status) = rustix::process::waitid(leader(), options | WaitIdOptions::NOWAIT)?
         else {
             return Ok(None);
         };
-        // What the command left running in its group ends with it.
         self.kill.kill();
+        rustix::process::waitid(leader(), options)?;
+        self.kill.reaped.store(true, Ordering::SeqCst);
         let code = match (status.exit_status(), status.terminating_signal()) {
             (Some(code), _) => code,
             (None, Some(signal)) => 128 + signal,

@@ -3,13 +3,14 @@
 //! tiny_http has no connection timeouts, so the listening socket carries `SO_RCVTIMEO` and
 //! `SO_SNDTIMEO`, which accepted connections inherit: a client that stalls while sending a
 //! request or taking a response is cut off. The same receive timeout also bounds `accept()`,
-//! and tiny_http's accept thread stops for good on any accept error. Two things keep the
-//! listener alive: a heartbeat connection well within the timeout, and, should the accept
-//! thread stop anyway (e.g. out of file descriptors), a new tiny_http instance on the same
-//! socket, while the old one keeps serving the connections it has.
+//! and tiny_http's accept thread stops for good on any accept error (or dies silently when it
+//! cannot start a connection thread). Two things keep the listener alive: a heartbeat request
+//! well within the timeout, and, when an accept thread stops or the heartbeat goes unanswered,
+//! a new tiny_http instance on the same socket, while the old one keeps serving the
+//! connections it has.
 
 use std::{
-    io,
+    io::{self, Read, Write},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
@@ -136,17 +137,39 @@ impl HttpListener {
     }
 
     /// Connects to the listener well within its timeout, so that `accept()` never times out.
-    fn heartbeat(&self, stop: &Receiver<()>) {
+    fn heartbeat(self: &Arc<Self>, stop: &Receiver<()>) {
         let target = loopback(self.addr);
         loop {
             select! {
                 recv(stop) -> _ => return,
                 recv(after(self.timeout / 3)) -> _ => {
-                    if let Err(err) = TcpStream::connect_timeout(&target, self.timeout) {
-                        log::warn!("HTTP heartbeat failed: {err}");
+                    if let Err(err) = self.ask(target) {
+                        if self.stopping.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        log::error!("the HTTP listener does not answer ({err}); restarting it");
+                        if let Err(err) = self.start_instance() {
+                            log::error!("cannot restart the HTTP listener: {err}");
+                        }
                     }
                 }
             }
+        }
+    }
+
+    /// Sends `GET /api/v1/version` and waits for the status line of the answer.
+    fn ask(&self, target: SocketAddr) -> io::Result<()> {
+        let mut stream = TcpStream::connect_timeout(&target, self.timeout)?;
+        stream.set_read_timeout(Some(self.timeout))?;
+        stream.set_write_timeout(Some(self.timeout))?;
+        stream.write_all(
+            b"GET /api/v1/version HTTP/1.1\r\nHost: heartbeat\r\nConnection: close\r\n\r\n",
+        )?;
+        let mut answer = [0; 9];
+        stream.read_exact(&mut answer)?;
+        match &answer {
+            b"HTTP/1.1 " => Ok(()),
+            _ => Err(io::Error::other("not an HTTP answer")),
         }
     }
 

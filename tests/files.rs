@@ -888,3 +888,21 @@ fn a_partly_failing_copy_is_500_unknown_while_the_other_files_are_written() {
     assert_downloads(&server, &runner, "e.txt", b"also written");
     assert_downloads(&server, &runner, "a.txt", b"a file");
 }
+
+#[test]
+fn copies_and_deletions_never_go_through_a_symlink_in_the_workspace() {
+    let server = TestServer::start();
+    let runner = server.ready_runner();
+    server.copy(&runner, &[("real/", ""), ("real/kept.txt", "kept")]);
+    // Learner code points a link at a directory; root-made changes must not follow it.
+    plant(&server, &runner, "ln -sfn real link");
+    let body = json!({"copy": [file("link/planted.txt", b"x"), file("plain.txt", b"ok")]});
+    let answer = patch(&server, &runner, &body);
+    assert_eq!(answer.status, 500, "{}", answer.text());
+    assert!(answer.message().contains("link/planted.txt"), "{}", answer.text());
+    assert_not_found(&download(&server, &runner, "real/planted.txt"), "written through the link");
+    assert_downloads(&server, &runner, "plain.txt", b"ok");
+    let body = json!({"delete": ["link/kept.txt"]});
+    assert_eq!(patch(&server, &runner, &body).status, 204);
+    assert_downloads(&server, &runner, "real/kept.txt", b"kept");
+}

@@ -77,6 +77,24 @@ impl Root {
         resolve(&self.dir, view_path, flags)
     }
 
+    /// Opens a view path to change what is below it (write, create, delete). Inside the
+    /// workspace no symlink is followed at all: learner code plants them there, and changes
+    /// are made as root inside the runner, which could otherwise be led to write into
+    /// directories the learner may not (its own view stays confined either way).
+    fn open_to_change(&self, view_path: &str, flags: OFlags) -> io::Result<OwnedFd> {
+        let workspace = &self.workspace;
+        let inside = workspace.is_empty()
+            || view_path == workspace
+            || view_path
+                .strip_prefix(workspace.as_str())
+                .is_some_and(|rest| rest.starts_with('/'));
+        if !inside {
+            return self.open_at(view_path, flags);
+        }
+        let strict = ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS;
+        open_resolved(&self.dir, view_path, flags, strict)
+    }
+
     fn names(&self) -> Names {
         match self.names {
             NameSource::Host => Names::load_host(),
@@ -130,7 +148,20 @@ impl Root {
 /// Resolves `path` below `root` (absolute paths start at `root`), following symlinks only
 /// within it and never through `/proc` magic links.
 fn resolve(root: &impl AsFd, path: &str, flags: OFlags) -> io::Result<OwnedFd> {
-    let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+    open_resolved(
+        root,
+        path,
+        flags,
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+    )
+}
+
+fn open_resolved(
+    root: &impl AsFd,
+    path: &str,
+    flags: OFlags,
+    resolve: ResolveFlags,
+) -> io::Result<OwnedFd> {
     let flags = flags | OFlags::CLOEXEC;
     loop {
         match rustix::fs::openat2(root, path, flags, Mode::empty(), resolve) {

@@ -48,7 +48,7 @@ pub(super) fn apply(root: &Root, update: &FileUpdate) -> Result<()> {
 fn delete(root: &Root, path: &str) {
     if path == "./*" {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY;
-        if let Ok(workspace) = root.open_at(&root.view_path(""), flags) {
+        if let Ok(workspace) = root.open_to_change(&root.view_path(""), flags) {
             for name in entry_names(&workspace)
                 .into_iter()
                 .filter(|name| !name.starts_with(b"."))
@@ -63,7 +63,7 @@ fn delete(root: &Root, path: &str) {
     let Some((parent, name)) = split_parent(&view) else {
         return;
     };
-    if let Ok(parent) = root.open_at(parent, OFlags::PATH | OFlags::DIRECTORY) {
+    if let Ok(parent) = root.open_to_change(parent, OFlags::PATH | OFlags::DIRECTORY) {
         remove_tree(&parent, name.as_bytes(), 0);
     }
 }
@@ -130,19 +130,22 @@ fn copy(root: &Root, entry: &FileEntry) -> io::Result<()> {
 /// `mkdir -p` inside the root; returns the final directory.
 fn make_dirs(root: &Root, view: &str) -> io::Result<OwnedFd> {
     let flags = OFlags::PATH | OFlags::DIRECTORY;
-    let mut current = root.open_at("/", flags)?;
+    let mut current = root.open_to_change("/", flags)?;
     let mut walked = String::new();
     for part in view.split('/').filter(|part| !part.is_empty()) {
         walked.push('/');
         walked.push_str(part);
-        current = match root.open_at(&walked, flags) {
+        current = match root.open_to_change(&walked, flags) {
             Ok(dir) => dir,
             Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
                 match rustix::fs::mkdirat(&current, part, Mode::from_raw_mode(PARENT_MODE)) {
                     Ok(()) | Err(rustix::io::Errno::EXIST) => {}
                     Err(errno) => return Err(cannot_mkdir(errno)),
                 }
-                root.open_at(&walked, flags)?
+                root.open_to_change(&walked, flags)?
+            }
+            Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(io::Error::other("Cannot open: a symbolic link in the path"));
             }
             Err(err) => return Err(err),
         };

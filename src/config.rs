@@ -157,7 +157,8 @@ pub struct SandboxConfig {
     pub images_dir: Option<PathBuf>,
     /// Image names mapped to an image directory name or `host`.
     pub images: BTreeMap<String, String>,
-    /// The poseidon-lite binary run as each sandbox's agent; default: the running executable.
+    /// The poseidon-lite binary run as each sandbox's agent; default: the running executable
+    /// (`/proc/self/exe`).
     pub agent: Option<PathBuf>,
     /// Most processes per runner.
     pub pids_limit: u32,

@@ -899,8 +899,15 @@ fn copies_and_deletions_never_go_through_a_symlink_in_the_workspace() {
     let body = json!({"copy": [file("link/planted.txt", b"x"), file("plain.txt", b"ok")]});
     let answer = patch(&server, &runner, &body);
     assert_eq!(answer.status, 500, "{}", answer.text());
-    assert!(answer.message().contains("link/planted.txt"), "{}", answer.text());
-    assert_not_found(&download(&server, &runner, "real/planted.txt"), "written through the link");
+    assert!(
+        answer.message().contains("link/planted.txt"),
+        "{}",
+        answer.text()
+    );
+    assert_not_found(
+        &download(&server, &runner, "real/planted.txt"),
+        "written through the link",
+    );
     assert_downloads(&server, &runner, "plain.txt", b"ok");
     let body = json!({"delete": ["link/kept.txt"]});
     assert_eq!(patch(&server, &runner, &body).status, 204);

@@ -114,14 +114,36 @@ pub fn download_file(app: &App, id: &str, request: &Request) -> Result<Reply> {
     Ok(Reply::Stream {
         headers: vec![
             ("Content-Type", "application/octet-stream".to_owned()),
-            (
-                "Content-Disposition",
-                format!("attachment; filename=\"{}\"", quote(path)),
-            ),
+            ("Content-Disposition", content_disposition(path)),
         ],
         length: Some(content.length),
         body: content.reader,
     })
+}
+
+/// `attachment; filename="<path as given>"` like Poseidon's; a name beyond ASCII (which a
+/// header cannot carry) is also given as `filename*` (RFC 6266), its plain form with `_`.
+fn content_disposition(path: &str) -> String {
+    if path.is_ascii() {
+        return format!("attachment; filename=\"{}\"", quote(path));
+    }
+    let plain: String = path
+        .chars()
+        .map(|c| if c.is_ascii() { c } else { '_' })
+        .collect();
+    let encoded: String = path
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!(
+        "attachment; filename=\"{}\"; filename*=UTF-8''{encoded}",
+        quote(&plain)
+    )
 }
 
 /// A file name fit for a quoted header parameter.
@@ -242,6 +264,18 @@ mod tests {
         assert_eq!(host_name("example.org:7200"), "example.org");
         assert_eq!(host_name("[::1]:7200"), "[::1]");
         assert_eq!(host_name("runner-host"), "runner-host");
+    }
+
+    #[test]
+    fn content_disposition_carries_names_beyond_ascii() {
+        assert_eq!(
+            content_disposition("out.txt"),
+            "attachment; filename=\"out.txt\""
+        );
+        assert_eq!(
+            content_disposition("grüße.txt"),
+            "attachment; filename=\"gr__e.txt\"; filename*=UTF-8''gr%C3%BC%C3%9Fe.txt"
+        );
     }
 
     #[test]

@@ -16,6 +16,25 @@ use std::{
 
 use crate::{error::Result, id::EnvironmentId};
 
+/// `PATH` of commands.
+pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Open files a command may have. The server raises its own limit far higher, which must not
+/// reach learner code (and makes programs that close every possible descriptor slow).
+pub const FILE_LIMIT: u64 = 1024;
+
+/// Lowers the calling process's soft limit on open files to [`FILE_LIMIT`] (limits are only
+/// ever lowered). Only system calls: safe between fork and exec.
+pub fn lower_file_limit() -> std::io::Result<()> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut files = getrlimit(Resource::Nofile);
+    if files.current.is_none_or(|current| current > FILE_LIMIT) {
+        files.current = Some(FILE_LIMIT.min(files.maximum.unwrap_or(u64::MAX)));
+        setrlimit(Resource::Nofile, files)?;
+    }
+    Ok(())
+}
+
 /// Everything an executor needs to build a runner for an environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunnerSpec {

@@ -27,9 +27,6 @@ use crate::{
     id::RunnerId,
 };
 
-/// `PATH` of executions.
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
 /// Builds runners that are plain directories.
 #[derive(Debug)]
 pub struct ProcessExecutor {
@@ -125,7 +122,7 @@ impl Runner for ProcessRunner {
             .arg(&command.command)
             .current_dir(&self.dir)
             .env_clear()
-            .env("PATH", PATH)
+            .env("PATH", super::PATH)
             .env("HOME", &self.dir)
             .env("LANG", "C.UTF-8")
             .env("CODEOCEAN", "true")

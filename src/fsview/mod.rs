@@ -17,7 +17,7 @@ use std::{
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 pub use list::Listing;
-pub use names::{Names, PasswdEntry};
+pub use names::{Names, PasswdEntry, parse_passwd};
 
 use crate::{
     error::{Error, Result},

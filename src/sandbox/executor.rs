@@ -139,11 +139,11 @@ impl SandboxExecutor {
 
 /// The agent binary: configured, or this program.
 fn agent_path(sandbox: &SandboxConfig) -> Result<PathBuf, String> {
+    // By default the running executable itself, through /proc: even when its file has been
+    // replaced on disk (an upgrade in place), runners get the agent matching this server.
     let agent = match &sandbox.agent {
         Some(agent) => agent.clone(),
-        None => {
-            std::env::current_exe().map_err(|err| format!("cannot find the agent binary: {err}"))?
-        }
+        None => PathBuf::from("/proc/self/exe"),
     };
     if agent.is_file() {
         Ok(agent)

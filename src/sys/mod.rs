@@ -9,10 +9,6 @@ use std::{
     process::{Child, Command},
 };
 
-/// Open files a program gets by default (the server itself may raise its own limit far higher,
-/// which makes programs that close every possible descriptor slow).
-const PROGRAM_FILE_LIMIT: u64 = 1024;
-
 /// Spawns `command` as the leader of a new session whose controlling terminal is its stdin
 /// (which must be the slave side of a pseudo-terminal), so that `^C` reaches it as SIGINT and
 /// its whole process group can be signalled at once.
@@ -22,15 +18,7 @@ pub fn spawn_with_controlling_terminal(command: &mut Command) -> io::Result<Chil
     // locks, so the state of other threads of the parent at fork time cannot affect it.
     unsafe {
         command.pre_exec(|| {
-            let mut files = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-            if files
-                .current
-                .is_none_or(|current| current > PROGRAM_FILE_LIMIT)
-            {
-                let most = files.maximum.unwrap_or(u64::MAX);
-                files.current = Some(PROGRAM_FILE_LIMIT.min(most));
-                rustix::process::setrlimit(rustix::process::Resource::Nofile, files)?;
-            }
+            crate::executor::lower_file_limit()?;
             rustix::process::setsid()?;
             // SAFETY: fd 0 is open in the child: std set up stdin before running this hook.
             let stdin = BorrowedFd::borrow_raw(0);

@@ -12,10 +12,7 @@ use rustix::{
 };
 
 use super::{Context, rootfs};
-use crate::sys::sandbox as sys;
-
-/// `PATH` of commands.
-const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+use crate::{executor, sys::sandbox as sys};
 
 /// Everything the command child needs, prepared by the reaper before it forks.
 #[derive(Debug)]
@@ -88,26 +85,12 @@ impl Launch {
             maximum: Some(0),
         };
         rustix::process::setrlimit(Resource::Core, no_core)?;
-        lower_file_limit()?;
+        executor::lower_file_limit()?;
         rustix::process::umask(Mode::from_raw_mode(0o022));
         rootfs::become_user(self.uid, self.gid)?;
         rustix::thread::set_no_new_privs(true)?;
         Ok(())
     }
-}
-
-/// Open files a command may have: the server raises its own limit far higher, which must not
-/// reach learner code (and makes programs that close every possible descriptor slow).
-const FILE_LIMIT: u64 = 1024;
-
-/// Lowers the soft limit on open files to [`FILE_LIMIT`] (limits are only ever lowered).
-fn lower_file_limit() -> io::Result<()> {
-    let mut files = rustix::process::getrlimit(Resource::Nofile);
-    if files.current.is_none_or(|current| current > FILE_LIMIT) {
-        files.current = Some(FILE_LIMIT.min(files.maximum.unwrap_or(u64::MAX)));
-        rustix::process::setrlimit(Resource::Nofile, files)?;
-    }
-    Ok(())
 }
 
 /// The command's environment: a fixed base, then the request's variables (which override it);
@@ -117,7 +100,7 @@ fn environment_of(home: &str, name: &str, extra: &[(String, String)]) -> Vec<CSt
         ("HOME", home),
         ("USER", name),
         ("LOGNAME", name),
-        ("PATH", PATH),
+        ("PATH", executor::PATH),
         ("LANG", "C.UTF-8"),
         ("TERM", "xterm"),
         ("CODEOCEAN", "true"),

@@ -218,18 +218,13 @@ fn read_user() -> User {
         return User::fallback();
     };
     let text = String::from_utf8_lossy(&text[..text.len().min(MAX_PASSWD)]);
-    text.lines()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split(':').collect();
-            if fields.len() < 6 || fields[0] != "user" {
-                return None;
-            }
-            let (uid, gid) = (fields[2].parse().ok()?, fields[3].parse().ok()?);
-            (uid < 65536 && gid < 65536).then(|| User {
-                uid,
-                gid,
-                home: fields[5].to_owned(),
-            })
+    crate::fsview::parse_passwd(&text)
+        .find(|entry| entry.name == "user")
+        .filter(|entry| entry.uid < 65536 && entry.gid < 65536)
+        .map(|entry| User {
+            uid: entry.uid,
+            gid: entry.gid,
+            home: entry.home,
         })
         .unwrap_or_else(User::fallback)
 }

@@ -277,6 +277,9 @@ impl Group {
                     Err(err) if err.kind() == io::ErrorKind::NotFound => break,
                     Err(err) if Instant::now() >= deadline => return Err(err),
                     Err(_) => {
+                        // Killed processes leave their group only once they have exited; v1
+                        // has no event for "empty" (v2's cgroup.events would), so retry with a
+                        // short, growing pause, bounded by the deadline.
                         self.kill_all();
                         thread::sleep(pause);
                         pause = (pause * 2).min(Duration::from_millis(20));

@@ -609,3 +609,21 @@ fn statistics_count_idle_and_used_runners_exactly_after_claims_and_deletes() {
     assert_eq!(statistics(&server), json!({"15": figures(15, 0, 0, 0)}));
     assert_eq!(server.delete(&format!("/runners/{second}")).status, 410);
 }
+
+#[test]
+fn a_failed_environment_write_answers_500_and_leaves_the_pool_working() {
+    let server = TestServer::start();
+    let environments = server.state.path().join("environments");
+    std::fs::remove_dir_all(&environments).expect("remove");
+    std::fs::write(&environments, "not a directory").expect("block");
+    let answer = server.send("PUT", "/execution-environments/1", &environment_body(1, 2));
+    assert_eq!(answer.status, 500, "{}", answer.text());
+    assert_eq!(answer.json()["errorCode"], "UNKNOWN");
+    std::fs::remove_file(&environments).expect("unblock");
+    std::fs::create_dir(&environments).expect("restore");
+    let answer = server.send("PUT", "/execution-environments/1", &environment_body(1, 2));
+    assert_eq!(answer.status, 204, "{}", answer.text());
+    // The pool counted by the failed request is still filled.
+    server.wait_idle(1, 2);
+    assert!(environments.join("1.json").exists());
+}

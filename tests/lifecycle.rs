@@ -2,8 +2,6 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use serde_json::json;
 use support::TestServer;
 
@@ -41,11 +39,10 @@ fn the_inactivity_timeout_destroys_the_runner_even_during_an_execution() {
     let server = TestServer::start();
     server.environment(1, 0);
     let runner = server.runner(1, 1);
-    let started = Instant::now();
+    // Longer than the client's read timeout: without the expiry the test fails.
     let url = server.execute(&runner, "sleep 60", 0);
     let transcript = server.connect(&url).transcript();
     assert_eq!(transcript.end, json!({"type": "timeout"}));
-    assert!(started.elapsed() < Duration::from_secs(15));
     assert_eq!(server.get(&format!("/runners/{runner}/files")).status, 410);
 }
 

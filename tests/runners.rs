@@ -605,3 +605,17 @@ fn stored_executions_are_gone_after_a_restart() {
         .expect("the stored execution is gone");
     assert!(err.contains("404"), "{err}");
 }
+
+#[test]
+fn commands_too_long_to_run_are_refused_and_nothing_is_stored() {
+    let server = TestServer::start();
+    let runner = server.ready_runner();
+    let path = format!("/runners/{runner}/execute");
+    let long = json!({"command": format!("echo {}", "x".repeat(200_000))});
+    let answer = server.send("POST", &path, &long);
+    assert_eq!(answer.status, 400, "{}", answer.text());
+    assert!(answer.message().contains("exceed"), "{}", answer.text());
+    let variables = json!({"command": "true", "environment": {"BIG": "y".repeat(200_000)}});
+    assert_eq!(server.send("POST", &path, &variables).status, 400);
+    assert_eq!(server.run(&runner, "echo fine").stdout, "fine\r\n");
+}

@@ -13,7 +13,7 @@ use tungstenite::{Message, client::IntoClientRequest};
 
 fn main() -> Result<(), Box<dyn Error>> {
     // Sandboxes run this same binary as their agent (see the README's "Library use").
-    poseidon_lite::sandbox::run_agent_if_requested();
+    poseidon_lite::run_agent_if_requested();
     let state = std::env::temp_dir().join(format!("poseidon-lite-example-{}", std::process::id()));
     let mut config = Config::ephemeral(&state);
     config.runner.executor = match std::env::args().nth(1).as_deref() {

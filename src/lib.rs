@@ -12,12 +12,9 @@ pub mod cli;
 pub mod config;
 pub mod dto;
 pub mod error;
-pub mod execution;
 pub mod executor;
-pub mod fsview;
 pub mod id;
 pub mod manager;
-pub mod sandbox;
 pub mod server;
 pub mod store;
 #[allow(unsafe_code)]
@@ -25,5 +22,6 @@ mod sys;
 
 pub use config::Config;
 pub use error::{Error, Result};
+pub use executor::sandbox::run_agent_if_requested;
 pub use server::{Server, ServerHandle};
 pub use sys::Allocator;

@@ -14,7 +14,7 @@ static ALLOCATOR: poseidon_lite::Allocator = poseidon_lite::Allocator;
 fn main() {
     // The binary doubles as the sandbox agent; this returns unless started as one. It must
     // come first: the agent has to be single-threaded.
-    poseidon_lite::sandbox::run_agent_if_requested();
+    poseidon_lite::run_agent_if_requested();
     if let Err(message) = run() {
         eprintln!("poseidon-lite: {message}");
         std::process::exit(1);

@@ -4,7 +4,7 @@
 //!
 //! `cargo test --release --test sandbox_bench -- --ignored --nocapture --test-threads 1`
 
-mod sandbox_support;
+mod support;
 
 use std::{
     sync::Arc,
@@ -13,7 +13,7 @@ use std::{
 };
 
 use poseidon_lite::executor::{Command, Outcome, Runner};
-use sandbox_support::*;
+use support::sandbox::*;
 
 /// Runs `true` and waits for its exit; returns the round trip.
 fn round_trip(runner: &dyn Runner) -> Duration {

@@ -1,7 +1,7 @@
 //! The sandbox executor driven through the executor traits: executions (terminal, stderr,
 //! exit codes, users, limits, killing). Real sandboxes, no mocks; skipped when not root.
 
-mod sandbox_support;
+mod support;
 
 use std::{
     io::ErrorKind,
@@ -13,7 +13,7 @@ use poseidon_lite::{
     Error,
     executor::{Command, Outcome},
 };
-use sandbox_support::*;
+use support::sandbox::*;
 
 #[test]
 fn true_exits_zero() {
@@ -287,7 +287,7 @@ fn start_up_failures_name_what_is_missing() {
     let mut config = poseidon_lite::Config::ephemeral(&state);
     config.sandbox.agent = Some("/nonexistent/agent".into());
     config.sandbox.cgroup_name = format!("poseidon-lite-startup-{}", std::process::id());
-    let err = poseidon_lite::sandbox::SandboxExecutor::new(&config)
+    let err = poseidon_lite::executor::sandbox::SandboxExecutor::new(&config)
         .unwrap_err()
         .to_string();
     assert_eq!(

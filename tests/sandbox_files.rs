@@ -1,7 +1,7 @@
 //! File operations of sandbox runners: ownership and modes of copied files, errors, and
 //! symlinks planted by learner code that must never lead to host files. Skipped when not root.
 
-mod sandbox_support;
+mod support;
 
 use std::{fs, path::Path};
 
@@ -9,8 +9,8 @@ use poseidon_lite::{
     Error,
     executor::{FileEntry, FileUpdate, Outcome},
 };
-use sandbox_support::*;
 use serde_json::Value;
+use support::sandbox::*;
 
 #[test]
 fn copied_files_are_root_owned_and_protected_from_the_user() {

@@ -1,17 +1,17 @@
 //! Isolation of sandbox runners from each other and from the host, images, and cleanup
 //! (destroy, leftovers of a crashed server). Real sandboxes; skipped when not root.
 
-mod sandbox_support;
+mod support;
 
 use std::{fs, path::Path, process::Stdio};
 
 use poseidon_lite::{
     Error,
+    executor::sandbox::SandboxExecutor,
     executor::{Executor, Outcome, RunnerSpec},
     id::{EnvironmentId, RunnerId},
-    sandbox::SandboxExecutor,
 };
-use sandbox_support::*;
+use support::sandbox::*;
 
 #[test]
 fn runners_cannot_see_each_others_files_or_processes() {

@@ -19,8 +19,10 @@ use tungstenite::{
 use super::{App, ws::Conn};
 use crate::{
     dto::WsMessage,
-    execution::{Event, Running, utf8::Utf8Stream},
-    executor::Outcome,
+    executor::{
+        Outcome,
+        output::{Event, Running, utf8::Utf8Stream},
+    },
     manager::{StartedExecution, StopReason},
 };
 

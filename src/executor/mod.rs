@@ -2,10 +2,13 @@
 //! operations. They know nothing about HTTP or WebSockets.
 //!
 //! Two implementations exist: [`process`] (a private directory per runner, no isolation) and
-//! [`crate::sandbox`] (a Linux sandbox per runner). The manager only sees these traits.
+//! [`sandbox`] (a Linux sandbox per runner). The manager only sees these traits.
 
+pub mod fsview;
+pub mod output;
 pub mod process;
 pub mod pty;
+pub mod sandbox;
 
 use std::{
     fmt,

@@ -19,11 +19,12 @@ use rustix::process::{Pid, PidfdFlags, Signal, WaitIdOptions};
 
 use super::{
     Command, Executor, ExitWatch, FileContent, FileUpdate, Kill, Outcome, Process, Runner,
-    RunnerSpec, pty,
+    RunnerSpec,
+    fsview::{NameSource, Root},
+    pty,
 };
 use crate::{
     error::{Error, Result},
-    fsview::{NameSource, Root},
     id::RunnerId,
 };
 

@@ -1,7 +1,7 @@
 //! Pseudo-terminals for executions: the command gets the slave as stdin and stdout, the server
 //! keeps the master. Echo, line editing and `^C` → SIGINT come from the kernel's defaults;
 //! output post-processing (`\n` → `\r\n`) is switched off here and done by the server
-//! ([`crate::execution::onlcr`]): the kernel does it character by character, which makes
+//! ([`crate::executor::output::onlcr`]): the kernel does it character by character, which makes
 //! line-heavy output several times slower.
 
 use std::{

@@ -3,7 +3,7 @@
 //! destroyed, files written and channels used only after it is released.
 
 mod environments;
-mod execution;
+mod pending;
 pub mod prewarm;
 mod state;
 pub mod timer;
@@ -15,7 +15,7 @@ use std::{
 
 use crossbeam_channel::Sender;
 
-pub use execution::{ActiveGuard, PendingExecution, StartedExecution};
+pub use pending::{ActiveGuard, PendingExecution, StartedExecution};
 pub use prewarm::Job;
 use state::{Claimed, EnvState, State};
 pub use timer::TimerCommand;

@@ -60,7 +60,9 @@ pub fn executor(config: &Config) -> Result<Arc<dyn Executor>> {
             );
             Ok(Arc::new(ProcessExecutor::new(&config.state.dir)?))
         }
-        ExecutorKind::Sandbox => Ok(Arc::new(crate::sandbox::SandboxExecutor::new(config)?)),
+        ExecutorKind::Sandbox => Ok(Arc::new(crate::executor::sandbox::SandboxExecutor::new(
+            config,
+        )?)),
     }
 }
 

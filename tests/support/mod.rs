@@ -3,6 +3,8 @@
 //! blocking call has a timeout, so a hang fails the test instead of the CI run.
 #![allow(dead_code)]
 
+pub mod sandbox;
+
 use std::{
     net::TcpStream,
     time::{Duration, Instant},

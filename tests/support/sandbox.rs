@@ -1,7 +1,6 @@
 //! Helpers for the sandbox tests: an executor of its own per test (state directory, cgroup
 //! name and uid range), running commands with timeouts, and cleanup. Tests skip (with a
 //! message) when not run as root.
-#![allow(dead_code)]
 
 use serde_json::Value;
 use std::{
@@ -19,9 +18,9 @@ use std::{
 
 use poseidon_lite::{
     Config, Error,
+    executor::sandbox::SandboxExecutor,
     executor::{Command, Executor, Outcome, Runner, RunnerSpec},
     id::{EnvironmentId, RunnerId},
-    sandbox::SandboxExecutor,
 };
 
 /// How long any single step of a test may block.

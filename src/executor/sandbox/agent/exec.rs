@@ -23,7 +23,7 @@ use rustix::{
 
 use super::{Context, command::Launch};
 use crate::{
-    sandbox::protocol::{self, RecordReader, Reply, Request},
+    executor::sandbox::protocol::{self, RecordReader, Reply, Request},
     sys::sandbox::{self as sys, Forked},
 };
 

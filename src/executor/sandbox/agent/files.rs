@@ -1,6 +1,6 @@
 //! File operations inside a runner, each in its own child of the init: listings and downloads
 //! as the image's user (root inside when privileged), updates as root inside, all resolved by
-//! [`crate::fsview`] within the runner's root, so planted symlinks cannot lead anywhere else.
+//! [`crate::executor::fsview`] within the runner's root, so planted symlinks cannot lead anywhere else.
 
 use std::{
     io::{self, Read, Write},
@@ -13,9 +13,11 @@ use rustix::fs::Mode;
 use super::{Context, rootfs};
 use crate::{
     error::Error,
-    executor::{FileEntry, FileUpdate},
-    fsview::{NameSource, Root},
-    sandbox::protocol::{self, RecordReader, RecordWriter, Reply, Request},
+    executor::{
+        FileEntry, FileUpdate,
+        fsview::{NameSource, Root},
+        sandbox::protocol::{self, RecordReader, RecordWriter, Reply, Request},
+    },
 };
 
 /// Serves a file operation; returns the child's exit code.

@@ -21,7 +21,7 @@ use rustix::{
     process::{Gid, Uid},
 };
 
-use crate::sandbox::protocol::{ImageSource, Setup};
+use crate::executor::sandbox::protocol::{ImageSource, Setup};
 use crate::sys::sandbox as sys;
 
 /// Host directories the `host` image shows (as overlays, or as symlinks where the host has
@@ -218,7 +218,7 @@ fn read_user() -> User {
         return User::fallback();
     };
     let text = String::from_utf8_lossy(&text[..text.len().min(MAX_PASSWD)]);
-    crate::fsview::parse_passwd(&text)
+    crate::executor::fsview::parse_passwd(&text)
         .find(|entry| entry.name == "user")
         .filter(|entry| entry.uid < 65536 && entry.gid < 65536)
         .map(|entry| User {

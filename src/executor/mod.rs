@@ -17,7 +17,11 @@ use std::{
     sync::Arc,
 };
 
-use crate::{error::Result, id::EnvironmentId};
+use crate::{
+    config::{Config, ExecutorKind},
+    error::Result,
+    id::EnvironmentId,
+};
 
 /// `PATH` of commands.
 pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -29,13 +33,21 @@ pub const FILE_LIMIT: u64 = 1024;
 /// Lowers the calling process's soft limit on open files to [`FILE_LIMIT`] (limits are only
 /// ever lowered). Only system calls: safe between fork and exec.
 pub fn lower_file_limit() -> std::io::Result<()> {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut files = getrlimit(Resource::Nofile);
-    if files.current.is_none_or(|current| current > FILE_LIMIT) {
-        files.current = Some(FILE_LIMIT.min(files.maximum.unwrap_or(u64::MAX)));
-        setrlimit(Resource::Nofile, files)?;
+    crate::sys::lower_file_limit(FILE_LIMIT)
+}
+
+/// Builds the executor the configuration chooses (`runner.executor`).
+pub fn from_config(config: &Config) -> Result<Arc<dyn Executor>> {
+    match config.runner.executor {
+        ExecutorKind::Process => {
+            log::warn!(
+                "executor `process`: runners are plain directories and commands run as this \
+                 server's user WITHOUT ANY ISOLATION; use it for trusted code only"
+            );
+            Ok(Arc::new(process::ProcessExecutor::new(&config.state.dir)?))
+        }
+        ExecutorKind::Sandbox => Ok(Arc::new(sandbox::SandboxExecutor::new(config)?)),
     }
-    Ok(())
 }
 
 /// Everything an executor needs to build a runner for an environment.

@@ -131,7 +131,7 @@ impl Runner for ProcessRunner {
             .stdin(Stdio::from(slave.try_clone()?))
             .stdout(Stdio::from(slave))
             .stderr(Stdio::from(stderr_writer));
-        let child = crate::sys::spawn_with_controlling_terminal(&mut process)?;
+        let child = crate::sys::spawn_with_controlling_terminal(&mut process, super::FILE_LIMIT)?;
         let pid =
             Pid::from_raw(child.id() as i32).ok_or_else(|| Error::Internal("no pid".into()))?;
         let pidfd =

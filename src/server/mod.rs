@@ -21,9 +21,9 @@ use self::http::HttpListener;
 
 use crate::{
     api::{self, App},
-    config::{Config, ExecutorKind},
+    config::Config,
     error::{Error, Result},
-    executor::{Executor, process::ProcessExecutor},
+    executor::Executor,
     manager::{Job, Limits, Manager, TimerCommand, prewarm, timer},
     store::Store,
 };
@@ -50,26 +50,10 @@ impl fmt::Debug for Server {
     }
 }
 
-/// Builds the configured executor.
-pub fn executor(config: &Config) -> Result<Arc<dyn Executor>> {
-    match config.runner.executor {
-        ExecutorKind::Process => {
-            log::warn!(
-                "executor `process`: runners are plain directories and commands run as this \
-                 server's user WITHOUT ANY ISOLATION; use it for trusted code only"
-            );
-            Ok(Arc::new(ProcessExecutor::new(&config.state.dir)?))
-        }
-        ExecutorKind::Sandbox => Ok(Arc::new(crate::executor::sandbox::SandboxExecutor::new(
-            config,
-        )?)),
-    }
-}
-
 impl Server {
     /// Binds both listeners, opens the state directory and restores persisted environments.
     pub fn bind(config: Config) -> Result<Server> {
-        let executor = executor(&config)?;
+        let executor = crate::executor::from_config(&config)?;
         Server::with_executor(config, executor)
     }
 

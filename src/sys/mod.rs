@@ -11,14 +11,18 @@ use std::{
 
 /// Spawns `command` as the leader of a new session whose controlling terminal is its stdin
 /// (which must be the slave side of a pseudo-terminal), so that `^C` reaches it as SIGINT and
-/// its whole process group can be signalled at once.
-pub fn spawn_with_controlling_terminal(command: &mut Command) -> io::Result<Child> {
+/// its whole process group can be signalled at once; its soft limit on open files is lowered
+/// to `file_limit` (see [`lower_file_limit`]).
+pub fn spawn_with_controlling_terminal(
+    command: &mut Command,
+    file_limit: u64,
+) -> io::Result<Child> {
     // SAFETY: the closure runs in the child between fork and exec. It only makes system calls
     // (setsid, ioctl, prlimit), which are async-signal-safe; it allocates nothing and takes no
     // locks, so the state of other threads of the parent at fork time cannot affect it.
     unsafe {
-        command.pre_exec(|| {
-            crate::executor::lower_file_limit()?;
+        command.pre_exec(move || {
+            lower_file_limit(file_limit)?;
             rustix::process::setsid()?;
             // SAFETY: fd 0 is open in the child: std set up stdin before running this hook.
             let stdin = BorrowedFd::borrow_raw(0);
@@ -27,6 +31,18 @@ pub fn spawn_with_controlling_terminal(command: &mut Command) -> io::Result<Chil
         });
     }
     command.spawn()
+}
+
+/// Lowers the calling process's soft limit on open files to `limit` (limits are only ever
+/// lowered). Only system calls: safe between fork and exec.
+pub fn lower_file_limit(limit: u64) -> io::Result<()> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut files = getrlimit(Resource::Nofile);
+    if files.current.is_none_or(|current| current > limit) {
+        files.current = Some(limit.min(files.maximum.unwrap_or(u64::MAX)));
+        setrlimit(Resource::Nofile, files)?;
+    }
+    Ok(())
 }
 
 /// Allocations from this size on are served by [`Allocator`] from their own mappings.

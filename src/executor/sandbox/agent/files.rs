@@ -12,7 +12,7 @@ use rustix::fs::Mode;
 
 use super::{Context, rootfs};
 use crate::{
-    error::Error,
+    error::{Error, Result},
     executor::{
         FileEntry, FileUpdate,
         fsview::{NameSource, Root},
@@ -54,7 +54,7 @@ fn reply_for(err: Error) -> Reply {
 }
 
 /// Drops to the image's user unless privileged, then opens the runner's view.
-fn open_root(privileged: bool, context: &Context) -> crate::Result<Root> {
+fn open_root(privileged: bool, context: &Context) -> Result<Root> {
     if !privileged {
         rootfs::become_user(context.user.uid, context.user.gid)?;
     }
@@ -71,7 +71,7 @@ fn list(
     recursive: bool,
     privileged: bool,
     context: &Context,
-) -> crate::Result<()> {
+) -> Result<()> {
     let listing = open_root(privileged, context)?.list(path, recursive)?;
     protocol::send_reply(op.as_fd(), &Reply::Done(None), &[])?;
     let mut out = RecordWriter::new(op);
@@ -79,7 +79,7 @@ fn list(
     Ok(out.flush()?)
 }
 
-fn read(op: &OwnedFd, path: &str, privileged: bool, context: &Context) -> crate::Result<()> {
+fn read(op: &OwnedFd, path: &str, privileged: bool, context: &Context) -> Result<()> {
     let content = open_root(privileged, context)?.open_file(path)?;
     protocol::send_reply(op.as_fd(), &Reply::Done(Some(content.length)), &[])?;
     let mut out = RecordWriter::new(op);
@@ -94,7 +94,7 @@ fn update(
     input: &mut impl Read,
     delete: Vec<String>,
     copy: Vec<(String, u64)>,
-) -> crate::Result<()> {
+) -> Result<()> {
     let root = Root::open(Path::new("/"), "/workspace", NameSource::InRoot)?;
     root.apply(&FileUpdate {
         delete,

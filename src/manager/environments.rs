@@ -1,6 +1,9 @@
 //! Environment operations of the manager: create, replace, delete, persist, report.
 
-use super::{Effects, EnvState, Manager, StopReason};
+use super::{
+    Manager,
+    state::{Effects, EnvState, StopReason},
+};
 use crate::{
     dto::{Environment, EnvironmentStatistics},
     error::{Error, Result},
@@ -27,7 +30,7 @@ impl Manager {
                     false
                 }
             };
-            effects.jobs = state.refill(self.limits.capacity);
+            effects.jobs = state.refill(self.capacity);
             (created, effects)
         };
         // The definition is in effect even if writing it fails: finish what it started.

@@ -1,24 +1,28 @@
 //! The runner manager: environments, their idle pools, claimed runners and stored executions,
 //! all behind ONE mutex. Nothing slow happens under the lock: runners are created and
 //! destroyed, files written and channels used only after it is released.
+//!
+//! The manager owns its threads: the inactivity timer, the returner that destroys expired
+//! runners, and the prewarm threads that fill the pools. A runner's way from claim through
+//! timer to expiry stays inside this module.
 
 mod environments;
 mod pending;
-pub mod prewarm;
+mod prewarm;
 mod state;
-pub mod timer;
+mod timer;
 
 use std::{
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, Weak},
+    thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 
-pub use pending::{ActiveGuard, PendingExecution, StartedExecution};
-pub use prewarm::Job;
-use state::{Claimed, EnvState, State};
-pub use timer::TimerCommand;
+pub use pending::{ActiveGuard, StartedExecution};
+use state::{Claimed, Effects, EnvState, Job, State, TimerCommand};
+pub use state::{PendingExecution, StopReason};
 
 use crate::{
     dto::Environment,
@@ -27,24 +31,6 @@ use crate::{
     id::{EnvironmentId, RunnerId},
     store::{RecordWriter, RunnerRecord, Store},
 };
-
-/// Why a running execution is stopped from outside.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    /// The runner was deleted (by the client or with its environment).
-    RunnerDeleted,
-    /// The runner's inactivity timeout expired.
-    InactivityTimeout,
-    /// The server is shutting down.
-    Shutdown,
-}
-
-/// Limits the manager works within.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Most runners that may exist at once.
-    pub capacity: usize,
-}
 
 /// Runner management; see the module docs.
 #[derive(Debug)]
@@ -58,34 +44,38 @@ pub struct Manager {
     store_lock: Mutex<()>,
     timer: Sender<TimerCommand>,
     jobs: Sender<Job>,
-    limits: Limits,
+    /// Most runners that may exist at once.
+    capacity: usize,
+    threads: Mutex<Threads>,
 }
 
-/// Things to do after the lock is released.
-#[derive(Debug, Default)]
-#[must_use]
-struct Effects {
-    destroy: Vec<Arc<dyn Runner>>,
-    stop: Vec<(Sender<StopReason>, StopReason)>,
-    jobs: Vec<Job>,
-    timer: Vec<TimerCommand>,
-    forget: Vec<RunnerId>,
+/// The manager's own threads: the timer, the returner of expired runners and the prewarm
+/// threads. Commands sent before they start wait in the channels.
+#[derive(Debug)]
+struct Threads {
+    /// The receiving ends, until [`Manager::start`] hands them to the threads.
+    receivers: Option<(Receiver<TimerCommand>, Receiver<Job>)>,
+    /// Dropped to stop the timer and prewarm threads.
+    stop: Option<Sender<()>>,
+    prewarmers: Vec<JoinHandle<()>>,
+    others: Vec<JoinHandle<()>>,
 }
 
 impl Manager {
-    /// Creates a manager; `timer` and `jobs` feed the timer and prewarm threads.
+    /// Creates a manager that keeps at most `capacity` runners; its threads run from
+    /// [`Manager::start`] to [`Manager::shutdown`].
     pub fn new(
         executor: Arc<dyn Executor>,
         store: Store,
-        limits: Limits,
-        timer: Sender<TimerCommand>,
-        jobs: Sender<Job>,
+        capacity: usize,
     ) -> std::io::Result<Manager> {
         let store = Arc::new(store);
         let records = match executor.adopts() {
             true => Some(RecordWriter::spawn(Arc::clone(&store))?),
             false => None,
         };
+        let (timer, timer_rx) = crossbeam_channel::unbounded();
+        let (jobs, jobs_rx) = crossbeam_channel::unbounded();
         Ok(Manager {
             state: Mutex::new(State::default()),
             executor,
@@ -94,8 +84,37 @@ impl Manager {
             store_lock: Mutex::new(()),
             timer,
             jobs,
-            limits,
+            capacity,
+            threads: Mutex::new(Threads {
+                receivers: Some((timer_rx, jobs_rx)),
+                stop: None,
+                prewarmers: Vec::new(),
+                others: Vec::new(),
+            }),
         })
+    }
+
+    /// Starts the timer, the returner of expired runners and `prewarm_threads` prewarm
+    /// threads (at least one). Only the first call starts anything.
+    pub fn start(self: &Arc<Self>, prewarm_threads: usize) -> std::io::Result<()> {
+        let mut threads = self.threads.lock().expect("manager threads poisoned");
+        let Some((timer_rx, jobs_rx)) = threads.receivers.take() else {
+            return Ok(());
+        };
+        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
+        let (expired_tx, expired) = crossbeam_channel::unbounded();
+        threads.stop = Some(stop_tx);
+        threads
+            .others
+            .push(timer::spawn(timer_rx, expired_tx, stop.clone())?);
+        let manager = Arc::downgrade(self);
+        threads.others.push(
+            thread::Builder::new()
+                .name("returner".into())
+                .spawn(move || return_expired(&manager, &expired))?,
+        );
+        threads.prewarmers = prewarm::spawn(prewarm_threads, self, &jobs_rx, &stop)?;
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -172,7 +191,7 @@ impl Manager {
             effects.timer.extend(claimed.arm(&record.id, now));
             state.insert_claimed(record.id, claimed);
         }
-        effects.jobs = state.refill(self.limits.capacity);
+        effects.jobs = state.refill(self.capacity);
         drop(state);
         self.apply(effects);
     }
@@ -196,7 +215,7 @@ impl Manager {
                     let environment = env_state.spec.clone();
                     return Ok(self.register(state, id, runner, environment, timeout, now));
                 }
-                None if total < self.limits.capacity => {
+                None if total < self.capacity => {
                     let spec = env_state.spec.clone();
                     state.creating += 1;
                     spec
@@ -232,7 +251,7 @@ impl Manager {
         let claimed = Claimed::new(EnvironmentId(environment.id), runner, timeout);
         effects.timer.extend(claimed.arm(&id, now));
         state.insert_claimed(id.clone(), claimed);
-        effects.jobs = state.refill(self.limits.capacity);
+        effects.jobs = state.refill(self.capacity);
         drop(state);
         if let Some(records) = &self.records {
             let inactivity_timeout = timeout.as_secs();
@@ -254,7 +273,7 @@ impl Manager {
             if !state.remove_claimed(id, StopReason::RunnerDeleted, &mut effects) {
                 return Err(Error::unknown_runner(id));
             }
-            effects.jobs = state.refill(self.limits.capacity);
+            effects.jobs = state.refill(self.capacity);
         }
         self.apply(effects);
         Ok(())
@@ -285,8 +304,8 @@ impl Manager {
         }
     }
 
-    /// Called by the timer: destroys the runner if this arming is still its latest.
-    pub fn expire(&self, id: &RunnerId, generation: u64) {
+    /// Called by the returner: destroys the runner if this arming is still its latest.
+    fn expire(&self, id: &RunnerId, generation: u64) {
         let mut effects = Effects::default();
         {
             let mut state = self.lock();
@@ -299,13 +318,33 @@ impl Manager {
             }
             log::info!("runner {id} expired after its inactivity timeout");
             state.remove_claimed(id, StopReason::InactivityTimeout, &mut effects);
-            effects.jobs = state.refill(self.limits.capacity);
+            effects.jobs = state.refill(self.capacity);
         }
         self.apply(effects);
     }
 
-    /// Stops every execution and destroys every runner.
+    /// Stops the manager's threads and every execution, and destroys every runner.
     pub fn shutdown(&self) {
+        let (prewarmers, others) = {
+            let mut threads = self.threads.lock().expect("manager threads poisoned");
+            threads.stop = None;
+            (
+                std::mem::take(&mut threads.prewarmers),
+                std::mem::take(&mut threads.others),
+            )
+        };
+        // No prewarm thread may pool a runner after the pools are emptied below.
+        for thread in prewarmers {
+            let _ = thread.join();
+        }
+        self.close();
+        for thread in others {
+            let _ = thread.join();
+        }
+    }
+
+    /// Marks the manager closing, stops every execution and destroys every runner.
+    fn close(&self) {
         let mut effects = Effects::default();
         let mut idle = Vec::new();
         {
@@ -338,6 +377,16 @@ impl Manager {
         let state = self.lock();
         let idle = state.environments.values().map(|env| env.idle.len()).sum();
         (idle, state.runners.len(), state.creating)
+    }
+}
+
+/// The returner thread: hands expired runners back to the manager until the timer ends.
+fn return_expired(manager: &Weak<Manager>, expired: &Receiver<timer::Expiry>) {
+    for (id, generation) in expired {
+        let Some(manager) = manager.upgrade() else {
+            return;
+        };
+        manager.expire(&id, generation);
     }
 }
 

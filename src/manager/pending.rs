@@ -1,28 +1,19 @@
-//! Stored and running executions: `POST /execute` stores one, the WebSocket takes it (once)
+//! Pending and running executions: `POST /execute` stores one, the WebSocket takes it (once)
 //! and keeps it registered with its runner while it runs.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Instant};
 
 use crossbeam_channel::Receiver;
 
-use super::{Manager, StopReason};
+use super::{
+    Manager,
+    state::{PendingExecution, StopReason},
+};
 use crate::{
     error::{Error, Result},
-    executor::{Command, Runner},
+    executor::Runner,
     id::{ExecutionId, RunnerId},
 };
-
-/// An execution stored by `POST /execute`, waiting for its WebSocket.
-#[derive(Debug, Clone)]
-pub struct PendingExecution {
-    /// What to run.
-    pub command: Command,
-    /// Time limit; `None` = unlimited.
-    pub time_limit: Option<Duration>,
-}
 
 /// A stored execution taken for running.
 #[derive(Debug)]

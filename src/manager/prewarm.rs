@@ -2,31 +2,30 @@
 //! long as the server, which matters to executors that tie a runner's life to its creating
 //! thread.
 
-use std::{sync::Arc, thread, time::Duration};
+use std::{
+    sync::{Arc, Weak},
+    thread,
+    time::Duration,
+};
 
 use crossbeam_channel::{Receiver, after, select};
 
-use super::{Effects, Manager, runner_spec};
+use super::{
+    Manager, runner_spec,
+    state::{Effects, Job},
+};
 use crate::{
     error::Result,
     executor::{Runner, RunnerSpec},
-    id::{EnvironmentId, RunnerId},
+    id::RunnerId,
 };
 
 /// Longest pause between two failed creations for one environment.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// One runner to create for an environment's pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Job {
-    /// The environment.
-    pub environment: EnvironmentId,
-    /// The definition version the runner is for.
-    pub version: u64,
-}
-
-/// Starts `count` prewarm threads; they end when `stop` is disconnected.
-pub fn spawn(
+/// Starts `count` prewarm threads; they end when `stop` or `jobs` is disconnected or the
+/// manager is gone. They hold the manager weakly: it owns them, not they it.
+pub(super) fn spawn(
     count: usize,
     manager: &Arc<Manager>,
     jobs: &Receiver<Job>,
@@ -34,7 +33,7 @@ pub fn spawn(
 ) -> std::io::Result<Vec<thread::JoinHandle<()>>> {
     (0..count.max(1))
         .map(|index| {
-            let (manager, jobs, stop) = (Arc::clone(manager), jobs.clone(), stop.clone());
+            let (manager, jobs, stop) = (Arc::downgrade(manager), jobs.clone(), stop.clone());
             thread::Builder::new()
                 .name(format!("prewarm-{index}"))
                 .spawn(move || work(&manager, &jobs, &stop))
@@ -42,11 +41,14 @@ pub fn spawn(
         .collect()
 }
 
-fn work(manager: &Manager, jobs: &Receiver<Job>, stop: &Receiver<()>) {
+fn work(manager: &Weak<Manager>, jobs: &Receiver<Job>, stop: &Receiver<()>) {
     loop {
         let job = select! {
             recv(jobs) -> job => match job { Ok(job) => job, Err(_) => return },
             recv(stop) -> _ => return,
+        };
+        let Some(manager) = manager.upgrade() else {
+            return;
         };
         let Some((spec, failures)) = manager.job_spec(&job) else {
             manager.prewarm_cancelled(&job);
@@ -73,7 +75,7 @@ fn work(manager: &Manager, jobs: &Receiver<Job>, stop: &Receiver<()>) {
 
 impl Manager {
     /// Called by a prewarm thread with the runner it created (or failed to create).
-    pub fn prewarmed(&self, job: &Job, runner: Result<(RunnerId, Arc<dyn Runner>)>) {
+    fn prewarmed(&self, job: &Job, runner: Result<(RunnerId, Arc<dyn Runner>)>) {
         let mut effects = Effects::default();
         {
             let mut state = self.lock();
@@ -103,14 +105,14 @@ impl Manager {
                 (None, Err(_)) => {}
             }
             if !state.closing {
-                effects.jobs = state.refill(self.limits.capacity);
+                effects.jobs = state.refill(self.capacity);
             }
         }
         self.apply(effects);
     }
 
     /// Called by a prewarm thread for a job that is no longer wanted.
-    pub fn prewarm_cancelled(&self, job: &Job) {
+    fn prewarm_cancelled(&self, job: &Job) {
         let mut state = self.lock();
         state.creating -= 1;
         if let Some(env) = state.environments.get_mut(&job.environment)
@@ -121,7 +123,7 @@ impl Manager {
     }
 
     /// The spec to build for a prewarm job, if the job is still wanted.
-    pub fn job_spec(&self, job: &Job) -> Option<(RunnerSpec, u32)> {
+    fn job_spec(&self, job: &Job) -> Option<(RunnerSpec, u32)> {
         let state = self.lock();
         let env = state.environments.get(&job.environment)?;
         (env.version == job.version && !state.closing)

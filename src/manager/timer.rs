@@ -11,30 +11,15 @@ use std::{
 
 use crossbeam_channel::{Receiver, Sender, never, select};
 
+use super::state::TimerCommand;
 use crate::id::RunnerId;
 
-/// What the timer thread is told.
-#[derive(Debug)]
-pub enum TimerCommand {
-    /// Expire `id` at `deadline` unless armed again or disarmed before.
-    Arm {
-        /// The runner.
-        id: RunnerId,
-        /// When it expires.
-        deadline: Instant,
-        /// The arming's generation; only the latest one counts.
-        generation: u64,
-    },
-    /// Forget `id`.
-    Disarm(RunnerId),
-}
-
 /// A due runner: `(id, generation)`.
-pub type Expiry = (RunnerId, u64);
+pub(super) type Expiry = (RunnerId, u64);
 
 /// The timer's state, separate from the thread so that it is tested with explicit instants.
 #[derive(Debug, Default)]
-pub struct TimerHeap {
+pub(super) struct TimerHeap {
     heap: BinaryHeap<Reverse<(Instant, u64, RunnerId)>>,
     current: HashMap<RunnerId, u64>,
 }
@@ -109,11 +94,13 @@ impl TimerHeap {
     }
 
     /// Number of armed runners.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.current.len()
     }
 
     /// Whether no runner is armed.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.current.is_empty()
     }
@@ -121,7 +108,7 @@ impl TimerHeap {
 
 /// Starts the timer thread. It ends when `stop` or `commands` is disconnected or `expired` is
 /// dropped.
-pub fn spawn(
+pub(super) fn spawn(
     commands: Receiver<TimerCommand>,
     expired: Sender<Expiry>,
     stop: Receiver<()>,

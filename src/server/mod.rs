@@ -1,6 +1,5 @@
-//! Binding, threads and shutdown: the HTTP listener feeding a worker pool over a channel, the
-//! WebSocket listener, the timer, the thread returning expired runners, and the prewarm
-//! threads.
+//! Binding, threads and shutdown: the HTTP listener feeding a worker pool over a channel and
+//! the WebSocket listener; the manager's threads are started and stopped with them.
 
 mod http;
 
@@ -24,7 +23,7 @@ use crate::{
     config::Config,
     error::{Error, Result},
     executor::Executor,
-    manager::{Job, Limits, Manager, TimerCommand, prewarm, timer},
+    manager::Manager,
     store::Store,
 };
 
@@ -37,8 +36,6 @@ pub struct Server {
     websocket_addr: SocketAddr,
     app: Arc<App>,
     config: Config,
-    timer: Receiver<TimerCommand>,
-    jobs: Receiver<Job>,
 }
 
 impl fmt::Debug for Server {
@@ -78,12 +75,7 @@ impl Server {
         let store = Store::open(&config.state.dir).map_err(|err| {
             Error::internal(&format!("cannot open {}", config.state.dir.display()), err)
         })?;
-        let (timer_tx, timer) = crossbeam_channel::unbounded();
-        let (jobs_tx, jobs) = crossbeam_channel::unbounded();
-        let limits = Limits {
-            capacity: config.runner.capacity,
-        };
-        let manager = Arc::new(Manager::new(executor, store, limits, timer_tx, jobs_tx)?);
+        let manager = Arc::new(Manager::new(executor, store, config.runner.capacity)?);
         manager.restore(Instant::now());
         let app = Arc::new(App {
             manager,
@@ -99,8 +91,6 @@ impl Server {
             websocket_addr,
             app,
             config,
-            timer,
-            jobs,
         })
     }
 
@@ -129,20 +119,7 @@ impl Server {
             })?;
             threads.push(worker);
         }
-        let (expired_tx, expired) = crossbeam_channel::unbounded();
-        threads.push(timer::spawn(self.timer, expired_tx, stop.clone())?);
-        let manager = Arc::clone(&self.app.manager);
-        threads.push(named("returner").spawn(move || {
-            for (id, generation) in expired {
-                manager.expire(&id, generation);
-            }
-        })?);
-        let prewarmers = prewarm::spawn(
-            self.config.runner.prewarm_threads,
-            &self.app.manager,
-            &self.jobs,
-            &stop,
-        )?;
+        self.app.manager.start(self.config.runner.prewarm_threads)?;
         let websocket_stop = Arc::new(AtomicBool::new(false));
         let (listener, app, flag) = (
             self.websocket,
@@ -163,7 +140,6 @@ impl Server {
             websocket_stop,
             stop: Some(stop_tx),
             threads,
-            prewarmers,
         })
     }
 }
@@ -177,7 +153,6 @@ pub struct ServerHandle {
     websocket_stop: Arc<AtomicBool>,
     stop: Option<Sender<()>>,
     threads: Vec<JoinHandle<()>>,
-    prewarmers: Vec<JoinHandle<()>>,
 }
 
 impl fmt::Debug for ServerHandle {
@@ -223,9 +198,6 @@ impl ServerHandle {
         let _ = TcpStream::connect(self.websocket_addr);
         drop(stop);
         self.http.stop();
-        for thread in self.prewarmers.drain(..) {
-            let _ = thread.join();
-        }
         self.app.manager.shutdown();
         for thread in self.threads.drain(..) {
             let _ = thread.join();

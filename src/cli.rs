@@ -15,7 +15,8 @@ use crate::config::{Config, ExecutorKind};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 pub struct Cli {
-    /// TOML configuration file (sections `[server]`, `[runner]`, `[sandbox]`, `[state]`, `[logger]`).
+    /// TOML configuration file (sections `[server]`, `[runner]`, `[sandbox]`, `[network]`,
+    /// `[state]`, `[logger]`).
     #[arg(long, env = "POSEIDON_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -109,6 +110,41 @@ pub struct Cli {
     #[arg(long, env = "POSEIDON_SANDBOX_CGROUP_NAME")]
     pub cgroup_name: Option<String>,
 
+    /// network.enabled: allow environments with networkAccess (refused with 400 otherwise)
+    /// [default: true].
+    #[arg(long, env = "POSEIDON_NETWORK_ENABLED")]
+    pub network_enabled: Option<bool>,
+    /// network.ipv4_range: range runners' IPv4 /31s come from [default: 10.200.0.0/16].
+    #[arg(long, env = "POSEIDON_NETWORK_IPV4_RANGE")]
+    pub network_ipv4_range: Option<String>,
+    /// network.ipv6_range: range runners' IPv6 /64s come from [default: fd00:200::/48].
+    #[arg(long, env = "POSEIDON_NETWORK_IPV6_RANGE")]
+    pub network_ipv6_range: Option<String>,
+    /// network.allowed_ranges: private or special-purpose ranges runners may reach anyway,
+    /// comma-separated CIDRs (e.g. a package mirror) [default: none].
+    #[arg(long, env = "POSEIDON_NETWORK_ALLOWED_RANGES", value_delimiter = ',')]
+    pub network_allowed_ranges: Vec<String>,
+    /// network.dns: resolvers for runners' /etc/resolv.conf, comma-separated [default: the
+    /// host's non-loopback resolvers, else 8.8.8.8, 8.8.4.4].
+    #[arg(long, env = "POSEIDON_NETWORK_DNS", value_delimiter = ',')]
+    pub network_dns: Vec<IpAddr>,
+    /// network.publish_address: address exposed ports listen on [default: 127.0.0.1].
+    #[arg(long, env = "POSEIDON_NETWORK_PUBLISH_ADDRESS")]
+    pub network_publish_address: Option<IpAddr>,
+    /// network.advertise_host: host written into mappedPorts [default: the publish address].
+    #[arg(long, env = "POSEIDON_NETWORK_ADVERTISE_HOST")]
+    pub network_advertise_host: Option<String>,
+    /// network.connection_limit: connections one runner may have open at once [default: 64].
+    #[arg(long, env = "POSEIDON_NETWORK_CONNECTION_LIMIT")]
+    pub network_connection_limit: Option<u32>,
+    /// network.forward_connections: connections the exposed ports of one runner forward at
+    /// once; more wait in the backlog [default: 32].
+    #[arg(long, env = "POSEIDON_NETWORK_FORWARD_CONNECTIONS")]
+    pub network_forward_connections: Option<usize>,
+    /// network.mtu: MTU of runner interfaces, 0 = that of the host's default route [default: 0].
+    #[arg(long, env = "POSEIDON_NETWORK_MTU")]
+    pub network_mtu: Option<u32>,
+
     /// state.dir: directory for environments, claimed runners and workspaces
     /// [default: $XDG_STATE_HOME/poseidon-lite or ~/.local/state/poseidon-lite].
     #[arg(long, env = "POSEIDON_STATE_DIR")]
@@ -173,6 +209,24 @@ impl Cli {
         set(&mut sandbox.cpu_mhz, self.cpu_mhz);
         set(&mut sandbox.uid_base, self.uid_base);
         set(&mut sandbox.cgroup_name, self.cgroup_name);
+        let network = &mut config.network;
+        set(&mut network.enabled, self.network_enabled);
+        set(&mut network.ipv4_range, self.network_ipv4_range);
+        set(&mut network.ipv6_range, self.network_ipv6_range);
+        if !self.network_allowed_ranges.is_empty() {
+            network.allowed_ranges = self.network_allowed_ranges;
+        }
+        if !self.network_dns.is_empty() {
+            network.dns = self.network_dns;
+        }
+        set(&mut network.publish_address, self.network_publish_address);
+        set_some(&mut network.advertise_host, self.network_advertise_host);
+        set(&mut network.connection_limit, self.network_connection_limit);
+        set(
+            &mut network.forward_connections,
+            self.network_forward_connections,
+        );
+        set(&mut network.mtu, self.network_mtu);
         set(&mut config.state.dir, self.state_dir);
         set(&mut config.logger.level, self.log_level);
         Ok(config)
@@ -207,11 +261,23 @@ mod tests {
             "openhpi/co_execenv_python:3.8=host",
             "--http-timeout-secs",
             "9",
+            "--network-allowed-ranges",
+            "203.0.113.0/24,2001:db8::/32",
+            "--network-dns",
+            "203.0.113.53",
         ])
         .unwrap();
         let config = cli.into_config().unwrap();
         assert_eq!(config.server.port, 0);
         assert_eq!(config.server.http_timeout_secs, 9);
+        assert_eq!(
+            config.network.allowed_ranges,
+            ["203.0.113.0/24", "2001:db8::/32"]
+        );
+        assert_eq!(
+            config.network.dns,
+            ["203.0.113.53".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(
             config.sandbox.images["openhpi/co_execenv_python:3.8"],
             "host"

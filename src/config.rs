@@ -20,6 +20,8 @@ pub struct Config {
     pub runner: RunnerConfig,
     /// The sandbox executor.
     pub sandbox: SandboxConfig,
+    /// Network access and exposed ports of sandbox runners.
+    pub network: NetworkConfig,
     /// Persistent state.
     pub state: StateConfig,
     /// Logging.
@@ -189,6 +191,53 @@ impl Default for SandboxConfig {
             cpu_mhz: 2000,
             uid_base: 1 << 20,
             cgroup_name: "poseidon-lite".to_owned(),
+        }
+    }
+}
+
+/// `[network]`: network access (`networkAccess`) and exposed ports (`exposedPorts`) of sandbox
+/// runners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Allow environments with `networkAccess: true` (refused with 400 when false).
+    pub enabled: bool,
+    /// Range runners' IPv4 /31s are taken from; masqueraded, must not be used on the site.
+    pub ipv4_range: String,
+    /// Range runners' IPv6 /64s are taken from; masqueraded, must not be used on the site.
+    pub ipv6_range: String,
+    /// Ranges runners may reach although they are private or special-purpose (e.g. a package
+    /// mirror on the campus network), as CIDRs.
+    pub allowed_ranges: Vec<String>,
+    /// Resolvers written into runners' `/etc/resolv.conf`; reachable on port 53 even in a
+    /// blocked range. Empty: the host's non-loopback resolvers, else 8.8.8.8 and 8.8.4.4.
+    pub dns: Vec<IpAddr>,
+    /// Address the listeners of exposed ports bind to (port 0: the kernel picks a free port).
+    pub publish_address: IpAddr,
+    /// Host written into `mappedPorts` (`<host>:<port>`); default: `publish_address`.
+    pub advertise_host: Option<String>,
+    /// New connections one runner may have open at once (per address family).
+    pub connection_limit: u32,
+    /// Connections the exposed ports of one runner forward at once; further ones wait in the
+    /// listen backlog (one thread per runner serves them all).
+    pub forward_connections: usize,
+    /// MTU of runner interfaces; 0: that of the host's default route.
+    pub mtu: u32,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            enabled: true,
+            ipv4_range: "10.200.0.0/16".to_owned(),
+            ipv6_range: "fd00:200::/48".to_owned(),
+            allowed_ranges: Vec::new(),
+            dns: Vec::new(),
+            publish_address: IpAddr::from([127, 0, 0, 1]),
+            advertise_host: None,
+            connection_limit: 64,
+            forward_connections: 32,
+            mtu: 0,
         }
     }
 }

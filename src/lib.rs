@@ -15,6 +15,7 @@ pub mod error;
 pub mod executor;
 pub mod id;
 pub mod manager;
+pub mod network;
 pub mod server;
 pub mod store;
 #[allow(unsafe_code)]

@@ -251,7 +251,7 @@ mod tests {
         // A thread of its own in a new network namespace: `nft`, started from it, acts on
         // that namespace only, never on the host's firewall.
         std::thread::spawn(|| {
-            rustix::thread::unshare(rustix::thread::UnshareFlags::NEWNET).unwrap();
+            crate::sys::sandbox::unshare_namespaces(libc::CLONE_NEWNET).unwrap();
             let script = render(&rules());
             load(&script, false).unwrap();
             // Loading again replaces the table atomically.

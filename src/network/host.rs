@@ -17,7 +17,7 @@ const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
 
 /// Resolvers used when neither the configuration nor the host names a usable one (the ones
 /// Poseidon's runners use).
-const FALLBACK_DNS: &[&str] = &["8.8.8.8", "8.8.4.4", "2001:4860:4860::8888"];
+pub const FALLBACK_DNS: &[&str] = &["8.8.8.8", "8.8.4.4", "2001:4860:4860::8888"];
 
 /// Checks that runners can get network access here; the error names what is missing.
 pub fn check() -> Result<(), String> {

@@ -38,6 +38,10 @@ pub enum Error {
     FileCopy(String),
     /// The environment's image cannot be resolved (400).
     UnknownImage(String),
+    /// A container image is missing from its registry, malformed or refused (400).
+    Image(String),
+    /// A container registry cannot be reached or fails (502).
+    Registry(String),
     /// An I/O error of the server itself (500).
     Io(io::Error),
     /// Any other internal failure, with a description (500).
@@ -66,7 +70,7 @@ impl Error {
     /// The HTTP status code Poseidon uses for this error.
     pub fn status(&self) -> u16 {
         match self {
-            Error::BadRequest(_) | Error::UnknownImage(_) => 400,
+            Error::BadRequest(_) | Error::UnknownImage(_) | Error::Image(_) => 400,
             Error::Unauthorized => 401,
             Error::Forbidden(_) => 403,
             Error::NotFound | Error::UnknownEnvironment(_) | Error::UnknownEnvironmentEmpty => 404,
@@ -75,6 +79,7 @@ impl Error {
             Error::UnknownRunner(_) => 410,
             Error::PayloadTooLarge(_) => 413,
             Error::FileNotFound(_) => 424,
+            Error::Registry(_) => 502,
             Error::NoRunnerAvailable | Error::FileCopy(_) | Error::Io(_) | Error::Internal(_) => {
                 500
             }
@@ -85,7 +90,9 @@ impl Error {
     pub fn code(&self) -> Option<&'static str> {
         match self {
             Error::NoRunnerAvailable => Some("NOMAD_OVERLOAD"),
-            Error::FileCopy(_) | Error::Io(_) | Error::Internal(_) => Some("UNKNOWN"),
+            Error::FileCopy(_) | Error::Io(_) | Error::Internal(_) | Error::Registry(_) => {
+                Some("UNKNOWN")
+            }
             _ => None,
         }
     }
@@ -125,6 +132,7 @@ impl fmt::Display for Error {
             }
             Error::FileCopy(detail) => write!(f, "file copy failed: {detail}"),
             Error::UnknownImage(image) => write!(f, "unknown image {image:?}"),
+            Error::Image(message) | Error::Registry(message) => f.write_str(message),
             Error::Io(err) => write!(f, "i/o error: {err}"),
             Error::Internal(message) => f.write_str(message),
         }

@@ -14,6 +14,7 @@ pub mod dto;
 pub mod error;
 pub mod executor;
 pub mod id;
+pub mod image;
 pub mod manager;
 pub mod network;
 pub mod server;

@@ -1,0 +1,147 @@
+//! A bearer-token front for a real registry, as Docker Hub answers: requests without the token
+//! get `401` with `WWW-Authenticate: Bearer realm=…/token,service=…,scope=…`; `/token` hands the
+//! token out to the right basic-auth credentials; everything else is forwarded to the registry.
+
+use std::{
+    io::Read,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread,
+};
+
+use base64::Engine as _;
+
+use super::agent;
+
+pub const USER: &str = "learner";
+pub const PASSWORD: &str = "pa:ss";
+const TOKEN: &str = "test-token-123";
+
+/// A running token front; stops when dropped.
+pub struct TokenFront {
+    server: Arc<tiny_http::Server>,
+    thread: Option<thread::JoinHandle<()>>,
+    /// `127.0.0.1:<port>`.
+    pub host: String,
+    /// Tokens handed out.
+    pub tokens: Arc<AtomicU32>,
+    /// Requests refused for a missing token.
+    pub challenges: Arc<AtomicU32>,
+}
+
+impl TokenFront {
+    /// Starts a front for the registry at `upstream` (`http://127.0.0.1:<port>`).
+    pub fn start(upstream: String) -> TokenFront {
+        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
+        let host = server.server_addr().to_ip().unwrap().to_string();
+        let tokens = Arc::new(AtomicU32::new(0));
+        let challenges = Arc::new(AtomicU32::new(0));
+        let thread = {
+            let (server, host, tokens, challenges) = (
+                server.clone(),
+                host.clone(),
+                tokens.clone(),
+                challenges.clone(),
+            );
+            thread::spawn(move || {
+                for request in server.incoming_requests() {
+                    serve(request, &upstream, &host, &tokens, &challenges);
+                }
+            })
+        };
+        TokenFront {
+            server,
+            thread: Some(thread),
+            host,
+            tokens,
+            challenges,
+        }
+    }
+}
+
+fn header<'a>(request: &'a tiny_http::Request, name: &'static str) -> Option<&'a str> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv(name))
+        .map(|h| h.value.as_str())
+}
+
+fn serve(
+    request: tiny_http::Request,
+    upstream: &str,
+    host: &str,
+    tokens: &AtomicU32,
+    challenges: &AtomicU32,
+) {
+    let url = request.url().to_owned();
+    if url.starts_with("/token") {
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
+        );
+        if header(&request, "Authorization") != Some(expected.as_str())
+            || !url.contains("scope=repository%3A") && !url.contains("scope=repository:")
+        {
+            request
+                .respond(tiny_http::Response::from_string("denied").with_status_code(401))
+                .ok();
+            return;
+        }
+        tokens.fetch_add(1, Ordering::SeqCst);
+        request
+            .respond(tiny_http::Response::from_string(format!(
+                r#"{{"token":"{TOKEN}"}}"#
+            )))
+            .ok();
+        return;
+    }
+    if header(&request, "Authorization") != Some(&format!("Bearer {TOKEN}")) {
+        challenges.fetch_add(1, Ordering::SeqCst);
+        let challenge = format!(
+            r#"Bearer realm="http://{host}/token",service="test-registry",scope="repository:x:pull""#
+        );
+        let response = tiny_http::Response::from_string(r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#)
+            .with_status_code(401)
+            .with_header(tiny_http::Header::from_bytes("WWW-Authenticate", challenge).unwrap());
+        request.respond(response).ok();
+        return;
+    }
+    let mut forward = agent().get(&format!("{upstream}{url}"));
+    if let Some(accept) = header(&request, "Accept") {
+        forward = forward.header("Accept", accept);
+    }
+    let Ok(response) = forward.call() else {
+        request.respond(tiny_http::Response::empty(502)).ok();
+        return;
+    };
+    let status = response.status().as_u16();
+    let mut headers = Vec::new();
+    for name in ["content-type", "docker-content-digest", "location"] {
+        if let Some(value) = response.headers().get(name) {
+            headers.push(tiny_http::Header::from_bytes(name, value.as_bytes()).unwrap());
+        }
+    }
+    let mut body = Vec::new();
+    response
+        .into_body()
+        .into_reader()
+        .read_to_end(&mut body)
+        .ok();
+    let mut reply = tiny_http::Response::from_data(body).with_status_code(status);
+    for h in headers {
+        reply.add_header(h);
+    }
+    request.respond(reply).ok();
+}
+
+impl Drop for TokenFront {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(thread) = self.thread.take() {
+            thread.join().ok();
+        }
+    }
+}

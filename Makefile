@@ -10,10 +10,21 @@ build: ## build the release binary (target/release/poseidon-lite)
 run: build ## run the server with its default configuration (add ARGS="--help" for settings)
 	./target/release/poseidon-lite $(ARGS)
 
+# cargo-nextest runs each test in a process of its own, in parallel; without it, cargo test
+# runs the same tests (the sandbox pass: every integration test file but sandbox_*).
+NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
+SERVER_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out tests/sandbox_%,$(wildcard tests/*.rs)))
+
 test: ## run every test: unit, integration (once per executor; the sandbox needs root), doc
+ifeq ($(NEXTEST),yes)
 	cargo nextest run --locked --lib --bins --tests --no-fail-fast
 	POSEIDON_TEST_EXECUTOR=sandbox cargo nextest run --locked --tests --no-fail-fast \
 		-E 'kind(test) & not binary(/^sandbox_/)'
+else
+	@echo "cargo-nextest not found (cargo install --locked cargo-nextest): using cargo test"
+	cargo test --locked --lib --bins --tests --no-fail-fast
+	POSEIDON_TEST_EXECUTOR=sandbox cargo test --locked --no-fail-fast $(SERVER_TESTS)
+endif
 	cargo test --locked --doc
 
 lint: ## formatting and clippy, warnings are errors

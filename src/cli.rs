@@ -93,7 +93,7 @@ pub struct Cli {
     #[arg(long, env = "POSEIDON_SANDBOX_DISK_LIMIT_MB")]
     pub disk_limit_mb: Option<u64>,
     /// sandbox.default_memory_limit_mb: memory limit for environments without one; 0 = none
-    /// [default: 0].
+    /// [default: 512].
     #[arg(long, env = "POSEIDON_SANDBOX_DEFAULT_MEMORY_LIMIT_MB")]
     pub default_memory_limit_mb: Option<u64>,
     /// sandbox.cpu_hard_limit: enforce cpuLimit as a hard quota besides the weight [default: false].

@@ -151,6 +151,13 @@ impl Default for RunnerConfig {
     }
 }
 
+/// Memory limit of runners whose environment sets `memoryLimit: 0`, in MiB: twice what
+/// CodeOcean gives a new environment (256 MB), so that anything meant to run under CodeOcean's
+/// defaults fits, including a JVM's default heap on small hosts; and small enough that a
+/// handful of runaway runners cannot take a 4–8 GiB host down before the OOM killer picks them
+/// (learner processes are its first choice).
+pub const DEFAULT_MEMORY_LIMIT_MB: u64 = 512;
+
 /// `[sandbox]`: the sandbox executor.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -166,7 +173,8 @@ pub struct SandboxConfig {
     pub pids_limit: u32,
     /// Size of a runner's writable layer in MiB.
     pub disk_limit_mb: u64,
-    /// Memory limit in MiB for environments that set none (0 = unlimited).
+    /// Memory limit in MiB for environments that set none (0 = unlimited). The default,
+    /// [`DEFAULT_MEMORY_LIMIT_MB`], keeps one runner from taking the host's memory.
     pub default_memory_limit_mb: u64,
     /// Enforce `cpuLimit` as a hard quota (MHz / `cpu_mhz` of a core) besides the weight.
     pub cpu_hard_limit: bool,
@@ -186,7 +194,7 @@ impl Default for SandboxConfig {
             agent: None,
             pids_limit: 512,
             disk_limit_mb: 256,
-            default_memory_limit_mb: 0,
+            default_memory_limit_mb: DEFAULT_MEMORY_LIMIT_MB,
             cpu_hard_limit: false,
             cpu_mhz: 2000,
             uid_base: 1 << 20,

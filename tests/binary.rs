@@ -17,6 +17,16 @@ struct Process {
     child: Child,
     api: String,
     lines: mpsc::Receiver<String>,
+    cgroup_name: String,
+}
+
+/// A cgroup name and uid base of this test process's own, so that its servers never use (and
+/// leave groups under) the defaults an operator's server uses. A restarted server gets the
+/// same ones, as the operator's would.
+fn own_sandbox_settings() -> (String, u32) {
+    let pid = std::process::id();
+    let base = (1u32 << 30) + (pid.wrapping_mul(7) % 256) * 64 * 65536;
+    (format!("poseidon-lite-binary-test-{pid}"), base)
 }
 
 impl Process {
@@ -36,6 +46,9 @@ impl Process {
             .arg(format!("{}=host", support::TEST_IMAGE))
             .arg("--state-dir")
             .arg(state)
+            .args(["--cgroup-name", &own_sandbox_settings().0])
+            .args(["--uid-base", &own_sandbox_settings().1.to_string()])
+            .args(["--capacity", "16"])
             .env_remove("RUST_LOG")
             .stderr(Stdio::piped())
             .spawn()
@@ -51,6 +64,7 @@ impl Process {
             child,
             api: String::new(),
             lines,
+            cgroup_name: own_sandbox_settings().0,
         };
         let line = process.wait_for("HTTP API listening on ");
         process.api = line
@@ -118,8 +132,21 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        // A clean shutdown removes the runners' groups; a kill would leave them behind.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-s", "TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + TIMEOUT;
+            while self.child.try_wait().ok().flatten().is_none()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        support::remove_cgroups(&self.cgroup_name);
     }
 }
 
@@ -198,5 +225,29 @@ fn after_a_crash_the_restarted_server_keeps_environments_and_claimed_runners() {
         );
     } else {
         assert_eq!(status, 410, "sandboxes do not survive the server");
+    }
+    drop(server);
+    let group = std::path::Path::new("/sys/fs/cgroup/pids").join(own_sandbox_settings().0);
+    assert!(!group.exists(), "{} is left behind", group.display());
+}
+
+#[test]
+fn a_uid_base_that_maps_runners_onto_host_users_is_refused() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: the sandbox needs root");
+        return;
+    }
+    let state = tempfile::tempdir().expect("state");
+    for base in ["0", "1000"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_poseidon-lite"))
+            .args(["--port", "0", "--websocket-port", "0", "--executor", "sandbox"])
+            .args(["--uid-base", base, "--cgroup-name", &own_sandbox_settings().0])
+            .arg("--state-dir")
+            .arg(state.path())
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
+        assert!(stderr.contains(&format!("uid_base {base} is below 65536")), "{stderr}");
     }
 }

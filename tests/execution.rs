@@ -307,3 +307,14 @@ fn programs_do_not_inherit_the_servers_raised_file_limit() {
     let files: u64 = transcript.stdout.trim().parse().expect("a number");
     assert!(files <= 1024, "{files}");
 }
+
+#[test]
+fn programs_cannot_raise_their_file_limit_again() {
+    let server = TestServer::start();
+    let runner = server.ready_runner();
+    let transcript = server.run(&runner, "ulimit -Hn; ulimit -n 20000 && echo raised");
+    let lines: Vec<&str> = transcript.stdout.lines().collect();
+    let hard: u64 = lines[0].trim().parse().expect("a number");
+    assert!(hard <= 1024, "{hard}");
+    assert!(!transcript.stdout.contains("raised"), "{transcript:?}");
+}

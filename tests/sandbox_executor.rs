@@ -351,3 +351,25 @@ fn orphans_are_reaped_so_they_do_not_fill_the_process_limit() {
     assert_eq!(orphans.stdout, "survived\n", "{orphans:?}");
     assert_eq!(orphans.outcome, Outcome::Exited(0));
 }
+
+#[test]
+fn vsock_and_kernel_event_sockets_are_refused_but_route_netlink_works() {
+    let Some(test) = TestExecutor::new() else {
+        return;
+    };
+    let runner = test.runner();
+    // errno of socket(domain, type, protocol), 0 when it worked (perl: no Python on every host).
+    let errno = |domain: u32, kind: u32, protocol: u32| {
+        let script = format!(
+            "perl -e 'if (socket(S, {domain}, {kind}, {protocol})) {{ print 0 }} else {{ print $!+0 }}'"
+        );
+        run_root(&*runner, &script).stdout
+    };
+    let eperm = libc::EPERM.to_string();
+    // AF_VSOCK (40), SOCK_STREAM.
+    assert_eq!(errno(40, 1, 0), eperm, "vsock");
+    // AF_NETLINK (16), SOCK_RAW, NETLINK_KOBJECT_UEVENT (15).
+    assert_eq!(errno(16, 3, 15), eperm, "kernel device events");
+    // NETLINK_ROUTE (0) is what `ip` uses.
+    assert_eq!(errno(16, 3, 0), "0", "route netlink");
+}

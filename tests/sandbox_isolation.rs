@@ -349,3 +349,14 @@ fn the_writable_layer_is_capped() {
         "ok\n"
     );
 }
+
+#[test]
+fn a_runner_without_a_memory_limit_gets_the_safe_default() {
+    let Some(test) = TestExecutor::new() else {
+        return;
+    };
+    let _runner = test.runner_with(|spec| spec.memory_limit = 0);
+    let memory = cgroup_file(&test, "memory", &["memory.limit_in_bytes", "memory.max"]);
+    let default = poseidon_lite::config::DEFAULT_MEMORY_LIMIT_MB;
+    assert_eq!(memory, (default << 20).to_string());
+}

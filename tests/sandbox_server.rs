@@ -171,3 +171,38 @@ fn runners_do_not_share_files_outside_the_workspace() {
         "the write reached the host"
     );
 }
+
+#[test]
+fn the_file_api_stays_out_of_proc() {
+    let Some(server) = sandbox_server(|_| {}) else {
+        return;
+    };
+    environment(&server, 1, 256);
+    let runner = server.runner(1, 0);
+    let linked = server.run(&runner, "ln -s /proc/self/maps maps && ln -s /proc proc && echo ok");
+    assert_eq!(linked.stdout, "ok\r\n");
+    for path in ["/proc/self/maps", "/proc/self/status", "maps", "proc/self/maps"] {
+        let raw = server.get(&format!("/runners/{runner}/files/raw?path={path}"));
+        assert_eq!(raw.status, 424, "{path}: {}", raw.text());
+    }
+    for path in ["/proc", "/proc/self", "proc/"] {
+        let listing = server.get(&format!("/runners/{runner}/files?path={path}"));
+        assert_eq!(listing.status, 424, "{path}: {}", listing.text());
+    }
+    // A recursive listing of the root shows /proc but does not descend into it.
+    let root = server
+        .get(&format!("/runners/{runner}/files?path=/&recursive=true"))
+        .json();
+    let names: Vec<&str> = root["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .filter_map(|file| file["name"].as_str())
+        .collect();
+    assert!(names.contains(&"/proc"), "{names:?}");
+    assert!(!names.iter().any(|name| name.starts_with("/proc/")), "{names:?}");
+    // The privileged API may not write there either.
+    let patch = json!({"copy": [{"path": "/proc/self/comm", "content": "eA=="}]});
+    let answer = server.send("PATCH", &format!("/runners/{runner}/files"), &patch);
+    assert_ne!(answer.status, 204, "{}", answer.text());
+}

@@ -30,8 +30,9 @@ pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:
 /// reach learner code (and makes programs that close every possible descriptor slow).
 pub const FILE_LIMIT: u64 = 1024;
 
-/// Lowers the calling process's soft limit on open files to [`FILE_LIMIT`] (limits are only
-/// ever lowered). Only system calls: safe between fork and exec.
+/// Lowers the calling process's soft and hard limits on open files to [`FILE_LIMIT`] (limits
+/// are only ever lowered). The hard limit too: otherwise learner code raises the soft limit
+/// back (`ulimit -n 20000`). Only system calls: safe between fork and exec.
 pub fn lower_file_limit() -> std::io::Result<()> {
     crate::sys::lower_file_limit(FILE_LIMIT)
 }

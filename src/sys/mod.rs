@@ -33,13 +33,17 @@ pub fn spawn_with_controlling_terminal(
     command.spawn()
 }
 
-/// Lowers the calling process's soft limit on open files to `limit` (limits are only ever
-/// lowered). Only system calls: safe between fork and exec.
+/// Lowers the calling process's soft and hard limits on open files to `limit` (limits are
+/// only ever lowered). The hard limit too: otherwise the process raises its soft limit back
+/// (`ulimit -n 20000`). Only system calls: safe between fork and exec.
 pub fn lower_file_limit(limit: u64) -> io::Result<()> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut files = getrlimit(Resource::Nofile);
-    if files.current.is_none_or(|current| current > limit) {
-        files.current = Some(limit.min(files.maximum.unwrap_or(u64::MAX)));
+    let lowered = |current: Option<u64>| Some(current.map_or(limit, |c| c.min(limit)));
+    let (current, maximum) = (lowered(files.current), lowered(files.maximum));
+    if (current, maximum) != (files.current, files.maximum) {
+        files.current = current;
+        files.maximum = maximum;
         setrlimit(Resource::Nofile, files)?;
     }
     Ok(())

@@ -356,12 +356,24 @@ impl Drop for TestServer {
         if let Some(handle) = self.handle.take() {
             handle.shutdown();
         }
-        // The executor removes its runners' groups; the server's own group per controller stays.
-        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
-            for controller in controllers.flatten() {
-                let _ = std::fs::remove_dir(controller.path().join(&self.cgroup_name));
+        remove_cgroups(&self.cgroup_name);
+    }
+}
+
+/// Removes the (empty) cgroups named `name` under every controller, and their empty children:
+/// the executor removes its runners' groups, the server's own group per controller stays.
+pub fn remove_cgroups(name: &str) {
+    let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for controller in controllers.flatten() {
+        let group = controller.path().join(name);
+        if let Ok(children) = std::fs::read_dir(&group) {
+            for child in children.flatten().filter(|c| c.path().is_dir()) {
+                let _ = std::fs::remove_dir(child.path());
             }
         }
+        let _ = std::fs::remove_dir(&group);
     }
 }
 

@@ -141,7 +141,9 @@ impl<W: Write> EntryWriter<'_, W> {
         for name in subdirs {
             let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
             // Unreadable subdirectories are skipped, as `ls -R` reports and skips them.
-            if let Ok(sub) = rustix::fs::openat(dir, name.as_str(), flags, Mode::empty()) {
+            let sub = rustix::fs::openat(dir, name.as_str(), flags, Mode::empty());
+            // `/proc` is listed as a directory but never entered (see `outside_proc`).
+            if let Ok(sub) = sub.map_err(io::Error::from).and_then(super::outside_proc) {
                 self.walk(&sub, &format!("{prefix}{name}/"), depth + 1)?;
             }
         }

@@ -167,8 +167,24 @@ fn open_resolved(
         match rustix::fs::openat2(root, path, flags, Mode::empty(), resolve) {
             // The kernel asks for a retry when a rename raced with the lookup.
             Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => continue,
-            other => return other.map_err(io::Error::from),
+            Ok(fd) => return outside_proc(fd),
+            Err(err) => return Err(err.into()),
         }
+    }
+}
+
+/// Refuses what lies in a `/proc` file system: it describes the process doing the file
+/// operation (in a sandbox the agent: its `maps` show the host binary's path and address
+/// layout), not the runner's files. Checked on the opened file, so no path or symlink leads
+/// around it.
+pub(crate) fn outside_proc(fd: OwnedFd) -> io::Result<OwnedFd> {
+    match rustix::fs::fstatfs(&fd) {
+        Ok(fs) if fs.f_type == rustix::fs::PROC_SUPER_MAGIC => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "the file API does not serve /proc",
+        )),
+        Ok(_) => Ok(fd),
+        Err(err) => Err(err.into()),
     }
 }
 

@@ -25,6 +25,12 @@ const SELF_TEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Host ids per runner: inside ids 0..65535.
 pub(super) const IDS_PER_RUNNER: u32 = 65536;
 
+/// The lowest allowed `uid_base`: ids below are the host's own (system and login users).
+const LOWEST_UID_BASE: u32 = 65536;
+/// Files naming host uids and gids (`passwd`, `group`) and ranges (`subuid`, `subgid`) that
+/// runner ranges must not overlap.
+const HOST_ID_FILES: [&str; 4] = ["/etc/passwd", "/etc/group", "/etc/subuid", "/etc/subgid"];
+
 /// Builds runners as Linux sandboxes.
 #[derive(Debug, Clone)]
 pub struct SandboxExecutor {
@@ -60,11 +66,8 @@ impl SandboxExecutor {
         let sandbox = &config.sandbox;
         check_host().map_err(unavailable)?;
         let agent = agent_path(sandbox).map_err(unavailable)?;
-        let count = (u32::MAX - sandbox.uid_base) / IDS_PER_RUNNER;
-        if count == 0 {
-            let message = format!("uid_base {} leaves no uid range", sandbox.uid_base);
-            return Err(unavailable(message));
-        }
+        let count = slot_count(sandbox.uid_base, config.runner.capacity);
+        check_uid_range(sandbox.uid_base, count, &HOST_ID_FILES).map_err(unavailable)?;
         let cgroups = Cgroups::detect(&sandbox.cgroup_name).map_err(unavailable)?;
         cgroups
             .prepare()
@@ -135,6 +138,60 @@ impl SandboxExecutor {
             other => Err(Error::Internal(format!("`true` ended with {other:?}"))),
         }
     }
+}
+
+/// Uid ranges to reserve: twice the capacity (runners being destroyed still hold theirs while
+/// replacements start) and some for the self-test, within the 32-bit uid space (the last uid
+/// is invalid).
+fn slot_count(base: u32, capacity: usize) -> u32 {
+    let wanted = u32::try_from(capacity.saturating_mul(2).saturating_add(16)).unwrap_or(u32::MAX);
+    ((u32::MAX - base) / IDS_PER_RUNNER).min(wanted)
+}
+
+/// Refuses a uid base that maps runner ids onto host ids: below [`LOWEST_UID_BASE`], or
+/// overlapping a uid/gid of `passwd`/`group` or a range of `subuid`/`subgid` in `files`
+/// (missing files name nothing). Runner root mapped onto host root (`uid_base` 0) would read
+/// the host's `/etc/shadow`.
+pub(super) fn check_uid_range(base: u32, count: u32, files: &[&str]) -> Result<(), String> {
+    if base < LOWEST_UID_BASE {
+        return Err(format!(
+            "uid_base {base} is below {LOWEST_UID_BASE}: runner uids would be host uids"
+        ));
+    }
+    if count == 0 {
+        return Err(format!("uid_base {base} leaves no uid range"));
+    }
+    let range = u64::from(base)..u64::from(base) + u64::from(count) * u64::from(IDS_PER_RUNNER);
+    for file in files {
+        let Ok(text) = fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split(':').collect();
+            let taken = match fields.as_slice() {
+                // subuid, subgid: name:first:count
+                [_, first, count] => first
+                    .parse::<u64>()
+                    .ok()
+                    .zip(count.parse::<u64>().ok())
+                    .map(|(first, count)| first..first + count),
+                // passwd, group: name:password:id:...
+                [_, _, id, _, ..] => id.parse::<u64>().ok().map(|id| id..id + 1),
+                _ => None,
+            };
+            if let Some(taken) = taken.filter(|t| t.start < range.end && range.start < t.end) {
+                return Err(format!(
+                    "uid_base {base}: the runner ids {}..{} overlap {}..{} of {file} ({})",
+                    range.start,
+                    range.end,
+                    taken.start,
+                    taken.end,
+                    fields[0]
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The agent binary: configured, or this program.
@@ -245,5 +302,29 @@ impl Executor for SandboxExecutor {
                 Err(err) => log::warn!("sandbox: cannot remove {}: {err}", entry.path().display()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_bases_overlapping_host_ids_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let passwd = dir.path().join("passwd");
+        let subuid = dir.path().join("subuid");
+        fs::write(&passwd, "root:x:0:0::/root:/bin/sh\nbig:x:2000000:1::/:/bin/sh\n").unwrap();
+        fs::write(&subuid, "alice:100000:65536\n").unwrap();
+        let files = [passwd.to_str().unwrap(), subuid.to_str().unwrap()];
+        let check = |base, count| check_uid_range(base, count, &files);
+        assert!(check(0, 1).unwrap_err().contains("below 65536"));
+        assert!(check(65535, 1).is_err());
+        assert!(check(65536, 1).unwrap_err().contains("subuid"));
+        assert!(check(1 << 20, 16).unwrap_err().contains("2000000"));
+        assert!(check(1 << 20, 14).is_ok());
+        assert!(check(3 << 20, 100).is_ok());
+        assert_eq!(slot_count(u32::MAX - 10, 10), 0);
+        assert!(check(u32::MAX - 10, 0).is_err());
     }
 }

@@ -4,6 +4,10 @@
 //! that libc falls back to `clone`, whose namespace flags are checked; so do calls newer than
 //! this list. Calls of another
 //! architecture (i386, x32) kill the process, so the deny list cannot be bypassed through them.
+//! `socket` is refused for `AF_VSOCK` (not namespaced: it reaches the hypervisor host whatever
+//! the network namespace, as Docker's default profile knows) and for kernel device events
+//! (`AF_NETLINK` with `NETLINK_KOBJECT_UEVENT`, which show the host's devices); other netlink
+//! protocols (`NETLINK_ROUTE` for `ip`) stay allowed.
 //! A hand-written BPF program, because a filter needs the x32 range check and the `clone`
 //! flag test that rule-based builders do not express directly.
 
@@ -38,6 +42,10 @@ const NAMESPACE_FLAGS: u32 = (libc::CLONE_NEWNS
 const NR_OFFSET: u32 = 0;
 const ARCH_OFFSET: u32 = 4;
 const ARG0_OFFSET: u32 = 16;
+const ARG2_OFFSET: u32 = 32;
+
+/// `NETLINK_KOBJECT_UEVENT`: the netlink protocol of kernel device events.
+const NETLINK_KOBJECT_UEVENT: u32 = 15;
 
 /// System calls refused with EPERM.
 const DENIED: &[libc::c_long] = &[
@@ -103,6 +111,7 @@ enum Target {
     Label(usize),
     Allow,
     CloneCheck,
+    SocketCheck,
     Deny,
     NoSys,
     Kill,
@@ -124,13 +133,14 @@ struct Layout {
     labels: Vec<usize>,
     allow: usize,
     clone_check: usize,
+    socket_check: usize,
     returns: usize,
 }
 
 /// Builds the filter program. Classic BPF only jumps forward, so the layout is: checks, a
 /// binary search over the sorted deny list (the kernel evaluates the filter once per system
 /// call number when it is installed, so a short path matters), "allow", the `clone` flag
-/// check, then the shared returns.
+/// check, the `socket` family check, then the shared returns.
 pub fn program() -> Vec<sock_filter> {
     let next = Target::Next;
     let mut code: Vec<Insn> = vec![
@@ -141,6 +151,7 @@ pub fn program() -> Vec<sock_filter> {
         (JGE, FIRST_UNKNOWN, Target::NoSys, next),
         (JEQ, libc::SYS_clone3 as u32, Target::NoSys, next),
         (JEQ, libc::SYS_clone as u32, Target::CloneCheck, next),
+        (JEQ, libc::SYS_socket as u32, Target::SocketCheck, next),
     ];
     let mut denied: Vec<u32> = DENIED.iter().map(|&nr| nr as u32).collect();
     denied.sort_unstable();
@@ -152,6 +163,18 @@ pub fn program() -> Vec<sock_filter> {
     // The flags are the low half of argument 0; namespace flags are refused.
     code.push((LD, ARG0_OFFSET, next, next));
     code.push((JSET, NAMESPACE_FLAGS, Target::Deny, next));
+    code.push((RET, libc::SECCOMP_RET_ALLOW, next, next));
+    let socket_check = code.len();
+    // The domain is argument 0, the protocol argument 2 (both ints: the low halves).
+    code.push((LD, ARG0_OFFSET, next, next));
+    code.push((JEQ, libc::AF_VSOCK as u32, Target::Deny, next));
+    // Jumps only go forward: this check ends in an "allow" of its own.
+    let socket_allow = labels.len();
+    labels.push(0);
+    code.push((JEQ, libc::AF_NETLINK as u32, next, Target::Label(socket_allow)));
+    code.push((LD, ARG2_OFFSET, next, next));
+    code.push((JEQ, NETLINK_KOBJECT_UEVENT, Target::Deny, next));
+    labels[socket_allow] = code.len();
     code.push((RET, libc::SECCOMP_RET_ALLOW, next, next));
     let returns = code.len();
     for action in [
@@ -165,6 +188,7 @@ pub fn program() -> Vec<sock_filter> {
         labels,
         allow,
         clone_check,
+        socket_check,
         returns,
     };
     code.into_iter()
@@ -180,6 +204,7 @@ impl Layout {
             Target::Label(label) => self.labels[label],
             Target::Allow => self.allow,
             Target::CloneCheck => self.clone_check,
+            Target::SocketCheck => self.socket_check,
             Target::Deny => self.returns,
             Target::NoSys => self.returns + 1,
             Target::Kill => self.returns + 2,
@@ -237,6 +262,10 @@ mod tests {
 
     /// Runs the program like the kernel's classic BPF interpreter does for what it uses.
     fn evaluate(program: &[sock_filter], arch: u32, nr: u32, arg0: u32) -> u32 {
+        evaluate_with(program, arch, nr, arg0, 0)
+    }
+
+    fn evaluate_with(program: &[sock_filter], arch: u32, nr: u32, arg0: u32, arg2: u32) -> u32 {
         let (mut pc, mut acc) = (0, 0);
         loop {
             let insn = program[pc];
@@ -247,6 +276,7 @@ mod tests {
                         NR_OFFSET => nr,
                         ARCH_OFFSET => arch,
                         ARG0_OFFSET => arg0,
+                        ARG2_OFFSET => arg2,
                         other => panic!("load of offset {other}"),
                     }
                 }
@@ -277,7 +307,7 @@ mod tests {
         for nr in 0..600 {
             if nr >= libc::c_long::from(FIRST_UNKNOWN) {
                 assert_eq!(run(nr), enosys, "system call {nr} is newer than the list");
-            } else if !DENIED.contains(&nr) && nr != libc::SYS_clone3 {
+            } else if !DENIED.contains(&nr) && nr != libc::SYS_clone3 && nr != libc::SYS_socket {
                 assert_eq!(run(nr), libc::SECCOMP_RET_ALLOW, "system call {nr}");
             }
         }
@@ -293,6 +323,15 @@ mod tests {
             clone(libc::SIGCHLD | libc::CLONE_VM),
             libc::SECCOMP_RET_ALLOW
         );
+        let socket = |domain: libc::c_int, protocol: u32| {
+            let nr = libc::SYS_socket as u32;
+            evaluate_with(&program, AUDIT_ARCH, nr, domain as u32, protocol)
+        };
+        assert_eq!(socket(libc::AF_VSOCK, 0), eperm);
+        assert_eq!(socket(libc::AF_NETLINK, NETLINK_KOBJECT_UEVENT), eperm);
+        assert_eq!(socket(libc::AF_NETLINK, 0), libc::SECCOMP_RET_ALLOW);
+        assert_eq!(socket(libc::AF_INET, 15), libc::SECCOMP_RET_ALLOW);
+        assert_eq!(socket(libc::AF_UNIX, 0), libc::SECCOMP_RET_ALLOW);
         let kill = libc::SECCOMP_RET_KILL_PROCESS;
         assert_eq!(evaluate(&program, 0x4000_0003, 0, 0), kill);
         assert_eq!(evaluate(&program, AUDIT_ARCH, X32_SYSCALL_BIT | 1, 0), kill);

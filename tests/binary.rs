@@ -240,14 +240,29 @@ fn a_uid_base_that_maps_runners_onto_host_users_is_refused() {
     let state = tempfile::tempdir().expect("state");
     for base in ["0", "1000"] {
         let output = Command::new(env!("CARGO_BIN_EXE_poseidon-lite"))
-            .args(["--port", "0", "--websocket-port", "0", "--executor", "sandbox"])
-            .args(["--uid-base", base, "--cgroup-name", &own_sandbox_settings().0])
+            .args([
+                "--port",
+                "0",
+                "--websocket-port",
+                "0",
+                "--executor",
+                "sandbox",
+            ])
+            .args([
+                "--uid-base",
+                base,
+                "--cgroup-name",
+                &own_sandbox_settings().0,
+            ])
             .arg("--state-dir")
             .arg(state.path())
             .output()
             .expect("runs");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{stderr}");
-        assert!(stderr.contains(&format!("uid_base {base} is below 65536")), "{stderr}");
+        assert!(
+            stderr.contains(&format!("uid_base {base} is below 65536")),
+            "{stderr}"
+        );
     }
 }

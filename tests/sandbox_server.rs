@@ -179,9 +179,17 @@ fn the_file_api_stays_out_of_proc() {
     };
     environment(&server, 1, 256);
     let runner = server.runner(1, 0);
-    let linked = server.run(&runner, "ln -s /proc/self/maps maps && ln -s /proc proc && echo ok");
+    let linked = server.run(
+        &runner,
+        "ln -s /proc/self/maps maps && ln -s /proc proc && echo ok",
+    );
     assert_eq!(linked.stdout, "ok\r\n");
-    for path in ["/proc/self/maps", "/proc/self/status", "maps", "proc/self/maps"] {
+    for path in [
+        "/proc/self/maps",
+        "/proc/self/status",
+        "maps",
+        "proc/self/maps",
+    ] {
         let raw = server.get(&format!("/runners/{runner}/files/raw?path={path}"));
         assert_eq!(raw.status, 424, "{path}: {}", raw.text());
     }
@@ -200,7 +208,10 @@ fn the_file_api_stays_out_of_proc() {
         .filter_map(|file| file["name"].as_str())
         .collect();
     assert!(names.contains(&"/proc"), "{names:?}");
-    assert!(!names.iter().any(|name| name.starts_with("/proc/")), "{names:?}");
+    assert!(
+        !names.iter().any(|name| name.starts_with("/proc/")),
+        "{names:?}"
+    );
     // The privileged API may not write there either.
     let patch = json!({"copy": [{"path": "/proc/self/comm", "content": "eA=="}]});
     let answer = server.send("PATCH", &format!("/runners/{runner}/files"), &patch);

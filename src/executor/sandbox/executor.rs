@@ -182,11 +182,7 @@ pub(super) fn check_uid_range(base: u32, count: u32, files: &[&str]) -> Result<(
             if let Some(taken) = taken.filter(|t| t.start < range.end && range.start < t.end) {
                 return Err(format!(
                     "uid_base {base}: the runner ids {}..{} overlap {}..{} of {file} ({})",
-                    range.start,
-                    range.end,
-                    taken.start,
-                    taken.end,
-                    fields[0]
+                    range.start, range.end, taken.start, taken.end, fields[0]
                 ));
             }
         }
@@ -314,7 +310,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let passwd = dir.path().join("passwd");
         let subuid = dir.path().join("subuid");
-        fs::write(&passwd, "root:x:0:0::/root:/bin/sh\nbig:x:2000000:1::/:/bin/sh\n").unwrap();
+        fs::write(
+            &passwd,
+            "root:x:0:0::/root:/bin/sh\nbig:x:2000000:1::/:/bin/sh\n",
+        )
+        .unwrap();
         fs::write(&subuid, "alice:100000:65536\n").unwrap();
         let files = [passwd.to_str().unwrap(), subuid.to_str().unwrap()];
         let check = |base, count| check_uid_range(base, count, &files);

@@ -171,7 +171,12 @@ pub fn program() -> Vec<sock_filter> {
     // Jumps only go forward: this check ends in an "allow" of its own.
     let socket_allow = labels.len();
     labels.push(0);
-    code.push((JEQ, libc::AF_NETLINK as u32, next, Target::Label(socket_allow)));
+    code.push((
+        JEQ,
+        libc::AF_NETLINK as u32,
+        next,
+        Target::Label(socket_allow),
+    ));
     code.push((LD, ARG2_OFFSET, next, next));
     code.push((JEQ, NETLINK_KOBJECT_UEVENT, Target::Deny, next));
     labels[socket_allow] = code.len();

@@ -12,6 +12,7 @@
 use std::{
     io::{self, Write},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
+    time::{Duration, Instant},
 };
 
 use rustix::{
@@ -29,6 +30,8 @@ use crate::{
 
 /// Largest execute request (command and environment).
 const MAX_REQUEST: u64 = 4 << 20;
+/// How long a fork is retried while the runner is at its process limit.
+const FORK_RETRY: Duration = Duration::from_secs(3);
 /// Namespaces of a reaper.
 const REAPER_NAMESPACES: libc::c_int = libc::CLONE_NEWPID | libc::CLONE_NEWNS;
 
@@ -70,7 +73,7 @@ impl Spare {
 
 /// Serves an execution in a freshly forked reaper (when no spare was ready).
 pub(super) fn serve_new(op: OwnedFd, context: &Context) {
-    match sys::fork_into(REAPER_NAMESPACES) {
+    match retry_while_at_process_limit(|| sys::fork_into(REAPER_NAMESPACES)) {
         Ok(Forked::Child) => {
             let code = match Prepared::new(context) {
                 Ok(prepared) => prepared.serve(op, context, None),
@@ -104,6 +107,25 @@ fn wait_as_spare(link: &OwnedFd, exec: &OwnedFd, context: &Context) -> i32 {
         }
     };
     prepared.serve(op, context, Some(link))
+}
+
+/// Forks, retrying for a short while when the runner is at its process limit (EAGAIN): the
+/// processes of an execution that was just ended (a fork bomb's, say) die with its reaper, but
+/// the kernel frees their pids only as they are reaped, a moment after the server moved on.
+fn retry_while_at_process_limit(
+    mut fork: impl FnMut() -> io::Result<Forked>,
+) -> io::Result<Forked> {
+    let deadline = Instant::now() + FORK_RETRY;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match fork() {
+            Err(err) if err.raw_os_error() == Some(libc::EAGAIN) && Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn fail(op: &OwnedFd, err: &io::Error) -> i32 {
@@ -178,7 +200,7 @@ impl Prepared {
             return Err(io::Error::other("not an execute request"));
         };
         let launch = Launch::new(&command, &environment, privileged, context)?;
-        match sys::fork()? {
+        match retry_while_at_process_limit(sys::fork)? {
             Forked::Child => {
                 let err = launch.exec(&self.slave, &self.err_write);
                 let _ = writeln!(io::stderr(), "cannot start the command: {err}");

@@ -16,7 +16,7 @@ use crate::config::{Config, ExecutorKind};
 #[command(version, about, long_about)]
 pub struct Cli {
     /// TOML configuration file (sections `[server]`, `[runner]`, `[sandbox]`, `[network]`,
-    /// `[state]`, `[logger]`).
+    /// `[state]`, `[logger]`, `[metrics]`).
     #[arg(long, env = "POSEIDON_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -149,6 +149,12 @@ pub struct Cli {
     /// [default: $XDG_STATE_HOME/poseidon-lite or ~/.local/state/poseidon-lite].
     #[arg(long, env = "POSEIDON_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// metrics.listen: address serving GET /metrics WITHOUT the token, for scrapers on a
+    /// trusted network (e.g. 127.0.0.1:9200) [default: none; the API's /api/v1/metrics needs
+    /// the token].
+    #[arg(long, env = "POSEIDON_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// logger.level: error, warn, info, debug (one line per request) or trace [default: info].
     #[arg(long, env = "POSEIDON_LOGGER_LEVEL")]
     pub log_level: Option<String>,
@@ -229,6 +235,7 @@ impl Cli {
         set(&mut network.mtu, self.network_mtu);
         set(&mut config.state.dir, self.state_dir);
         set(&mut config.logger.level, self.log_level);
+        set_some(&mut config.metrics.listen, self.metrics_listen);
         Ok(config)
     }
 }

@@ -26,6 +26,17 @@ pub struct Config {
     pub state: StateConfig,
     /// Logging.
     pub logger: LoggerConfig,
+    /// Metrics.
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: Prometheus metrics (always at `GET /api/v1/metrics` with the token).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A separate address serving `GET /metrics` without the token, for scrapers on a trusted
+    /// network; `None` = no such listener.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// `[server]`: listeners, authentication and request limits.

@@ -16,6 +16,7 @@ pub mod executor;
 pub mod id;
 pub mod image;
 pub mod manager;
+pub mod metrics;
 pub mod network;
 pub mod server;
 pub mod store;

@@ -7,6 +7,7 @@ use crate::{
     dto::{self, Environment, EnvironmentList, InternalServerError},
     error::{Error, Result},
     id::EnvironmentId,
+    metrics,
 };
 
 /// `GET /health`: 204, or 503 when a pool is below the configured threshold.
@@ -31,12 +32,17 @@ pub fn health(app: &App) -> Result<Reply> {
 
 /// `GET /version`: the release as a JSON string.
 pub fn version(app: &App) -> Result<Reply> {
-    let release = app
-        .server
-        .release
-        .clone()
-        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned());
-    Ok(Reply::json(200, &release))
+    Ok(Reply::json(200, &app.release()))
+}
+
+/// `GET /metrics`: every metric in Prometheus' text format.
+pub fn metrics(app: &App) -> Result<Reply> {
+    let text = app.metrics_text();
+    Ok(Reply::Stream {
+        headers: vec![("Content-Type", metrics::text::CONTENT_TYPE.to_owned())],
+        length: Some(text.len() as u64),
+        body: Box::new(std::io::Cursor::new(text.into_bytes())),
+    })
 }
 
 /// `GET /statistics/execution-environments`: pool figures keyed by environment id.

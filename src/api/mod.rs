@@ -27,6 +27,7 @@ use crate::{
     dto::{ClientError, InternalServerError},
     error::{Error, Result},
     manager::Manager,
+    metrics::Metrics,
 };
 
 /// What handlers share.
@@ -40,6 +41,24 @@ pub struct App {
     pub websocket_port: u16,
     /// Largest output of one execution (0 = unlimited).
     pub max_output_bytes: u64,
+    /// What the server counts.
+    pub metrics: Arc<Metrics>,
+}
+
+impl App {
+    /// The release served by `/version`.
+    pub fn release(&self) -> String {
+        self.server
+            .release
+            .clone()
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
+    }
+
+    /// Every metric in Prometheus' text format.
+    pub fn metrics_text(&self) -> String {
+        let pools = self.manager.statistics();
+        crate::metrics::text::render(&self.metrics, &pools, &self.release())
+    }
 }
 
 /// A parsed request, free of tiny_http.
@@ -134,8 +153,13 @@ pub fn dispatch(app: &App, mut request: tiny_http::Request) {
     let method = request.method().clone();
     let url = request.url().to_owned();
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let (reply, body_read) = handle(app, &mut request);
+        let (route, reply, body_read) = handle(app, &mut request);
         let status = reply.status();
+        if status >= 500 {
+            notice_error(app, route, &reply);
+        }
+        // Counted before answering, so that a client sees its request in the next scrape.
+        app.metrics.request(route, status, started.elapsed());
         // tiny_http drains a body left unread when the request is dropped, for as long as the
         // client keeps sending; bodies up to 1 KiB it has read already. Let a thread of its
         // own do that, not a worker.
@@ -158,34 +182,46 @@ pub fn dispatch(app: &App, mut request: tiny_http::Request) {
     }
 }
 
-/// Routes, authenticates, reads the body and runs the handler; also tells whether the body
-/// was read.
-fn handle(app: &App, request: &mut tiny_http::Request) -> (Reply, bool) {
+/// Remembers a server error for the status page.
+fn notice_error(app: &App, route: &str, reply: &Reply) {
+    let detail = match reply {
+        Reply::Json(_, body) => String::from_utf8_lossy(body).into_owned(),
+        _ => String::new(),
+    };
+    let status = reply.status();
+    app.metrics
+        .notice("error", format!("{route} answered {status} {detail}"));
+}
+
+/// Routes, authenticates, reads the body and runs the handler; also tells the route's name
+/// (for metrics) and whether the body was read.
+fn handle(app: &App, request: &mut tiny_http::Request) -> (&'static str, Reply, bool) {
     let url = request.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let route = match Route::parse(request.method(), path) {
         Ok(route) => route,
-        Err(err) => return (error_reply(&err), false),
+        Err(err) => return ("unknown", error_reply(&err), false),
     };
+    let name = route.name();
     if route.needs_token() && !authorized(app, request) {
-        return (error_reply(&Error::Unauthorized), false);
+        return (name, error_reply(&Error::Unauthorized), false);
     }
     let limit = app.server.max_body_bytes;
     if request
         .body_length()
         .is_some_and(|length| length as u64 > limit)
     {
-        return (error_reply(&Error::PayloadTooLarge(limit)), false);
+        return (name, error_reply(&Error::PayloadTooLarge(limit)), false);
     }
     let parsed = match read_request(app, request, query) {
         Ok(parsed) => parsed,
-        Err(err) => return (error_reply(&err), false),
+        Err(err) => return (name, error_reply(&err), false),
     };
     let reply = match route.handle(app, &parsed) {
         Ok(reply) => reply,
         Err(err) => error_reply(&err),
     };
-    (reply, true)
+    (name, reply, true)
 }
 
 /// Compares the `Poseidon-Token` header in constant time.

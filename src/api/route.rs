@@ -39,6 +39,8 @@ pub enum Route {
     Execute(String),
     /// `GET /runners/{id}/websocket` (served on the WebSocket listener)
     WebSocket(String),
+    /// `GET /metrics`: Prometheus' text format (not a Poseidon route)
+    Metrics,
 }
 
 impl Route {
@@ -73,6 +75,7 @@ impl Route {
             (["runners", id, "files", "raw"], _) if get => Route::DownloadFile(id.to_string()),
             (["runners", id, "execute"], Method::Post) => Route::Execute(id.to_string()),
             (["runners", id, "websocket"], _) if get => Route::WebSocket(id.to_string()),
+            (["metrics"], _) if get => Route::Metrics,
             (known, _) if is_known(known) => return Err(Error::MethodNotAllowed),
             _ => return Err(Error::NotFound),
         };
@@ -82,6 +85,27 @@ impl Route {
     /// Whether the route requires the `Poseidon-Token` (all but health and version).
     pub fn needs_token(&self) -> bool {
         !matches!(self, Route::Health | Route::Version)
+    }
+
+    /// The route's name in metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::Health => "health",
+            Route::Version => "version",
+            Route::Statistics => "statistics",
+            Route::ListEnvironments => "list_environments",
+            Route::GetEnvironment(_) => "get_environment",
+            Route::PutEnvironment(_) => "put_environment",
+            Route::DeleteEnvironment(_) => "delete_environment",
+            Route::ProvideRunner => "provide_runner",
+            Route::DeleteRunner(_) => "delete_runner",
+            Route::ListFiles(_) => "list_files",
+            Route::UpdateFiles(_) => "update_files",
+            Route::DownloadFile(_) => "download_file",
+            Route::Execute(_) => "execute",
+            Route::WebSocket(_) => "websocket",
+            Route::Metrics => "metrics",
+        }
     }
 
     /// Runs the route's handler.
@@ -101,6 +125,7 @@ impl Route {
             Route::DownloadFile(id) => runners::download_file(app, &id, request),
             Route::Execute(id) => runners::execute(app, &id, request),
             Route::WebSocket(id) => runners::websocket_on_http(app, &id),
+            Route::Metrics => environments::metrics(app),
         }
     }
 }
@@ -119,6 +144,7 @@ fn is_known(segments: &[&str]) -> bool {
             | ["runners", _, "files", "raw"]
             | ["runners", _, "execute"]
             | ["runners", _, "websocket"]
+            | ["metrics"]
     )
 }
 

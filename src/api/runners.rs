@@ -1,6 +1,6 @@
 //! Handlers of the runner routes: provide, delete, files, download, execute.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 
@@ -27,10 +27,12 @@ pub fn provide(app: &App, request: &Request) -> Result<Reply> {
     let body: RunnerRequest = dto::parse(&request.body)?;
     let timeout = u64::try_from(body.inactivity_timeout)
         .map_err(|_| Error::bad_request("inactivityTimeout must not be negative"))?;
+    let started = Instant::now();
     let id = app.manager.claim(
         EnvironmentId(body.environment_id),
         Duration::from_secs(timeout),
     )?;
+    app.metrics.claim(started.elapsed());
     Ok(Reply::json(
         200,
         &RunnerResponse {

@@ -24,6 +24,7 @@ use crate::{
         output::{Event, Running, utf8::Utf8Stream},
     },
     manager::{StartedExecution, StopReason},
+    metrics::{Ended, ExecutionGuard},
 };
 
 /// How long to wait for the client's close frame after ours.
@@ -86,6 +87,9 @@ pub fn run(
     if writer.send(&WsMessage::Start).is_err() {
         return;
     }
+    let tracker = app
+        .metrics
+        .execution_started(&started.guard.runner().to_string());
     let running = started
         .runner
         .execute(&started.pending.command)
@@ -94,7 +98,9 @@ pub fn run(
         Ok(running) => running,
         Err(err) => {
             log::warn!("cannot start an execution: {err}");
-            finish(&mut writer, Some(WsMessage::Error(FAILED.into())), None);
+            let last = Some(WsMessage::Error(FAILED.into()));
+            record(app, tracker, last.as_ref(), &Output::default());
+            finish(&mut writer, last, None);
             return;
         }
     };
@@ -104,7 +110,9 @@ pub fn run(
         .name("ws-reader".into())
         .spawn(move || read_client(reader, stdin, &client_tx));
     if spawned.is_err() {
-        finish(&mut writer, Some(WsMessage::Error(FAILED.into())), None);
+        let last = Some(WsMessage::Error(FAILED.into()));
+        record(app, tracker, last.as_ref(), &Output::default());
+        finish(&mut writer, last, None);
         return;
     }
     // A limit too large to represent as an instant is no limit.
@@ -117,10 +125,43 @@ pub fn run(
         deadline,
         max_output,
     };
-    let last = relay(&mut writer, &running, &client, &started.stop, limits);
+    let mut output = Output::default();
+    let last = relay(
+        &mut writer,
+        &mut output,
+        &running,
+        (&client, &started.stop),
+        limits,
+    );
     running.kill();
+    record(app, tracker, last.as_ref(), &output);
     finish(&mut writer, last, Some(&client));
     drop(started.guard);
+}
+
+/// Counts the end of an execution; errors and out-of-memory kills go to the status page.
+fn record(app: &App, tracker: ExecutionGuard, last: Option<&WsMessage>, output: &Output) {
+    let runner = tracker.runner().to_owned();
+    let ended = match last {
+        None => Ended::Disconnected,
+        Some(WsMessage::Exit(_)) => Ended::Exit,
+        Some(WsMessage::Timeout) => Ended::Timeout,
+        Some(WsMessage::Error(text)) if text == OOM_KILLED => {
+            app.metrics.notice(
+                "oom",
+                format!("runner {runner}: an execution was OOM killed"),
+            );
+            Ended::Oom
+        }
+        Some(WsMessage::Error(text)) if text == STOPPED => Ended::Stopped,
+        Some(WsMessage::Error(text)) => {
+            app.metrics
+                .notice("error", format!("runner {runner}: execution error: {text}"));
+            Ended::Error
+        }
+        Some(_) => Ended::Error,
+    };
+    tracker.finish(ended, output.stdout_bytes, output.stderr_bytes);
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -133,12 +174,11 @@ struct Limits {
 /// is gone).
 fn relay(
     writer: &mut Writer,
+    output: &mut Output,
     running: &Running,
-    client: &Receiver<ClientEvent>,
-    stop: &Receiver<StopReason>,
+    (client, stop): (&Receiver<ClientEvent>, &Receiver<StopReason>),
     limits: Limits,
 ) -> Option<WsMessage> {
-    let mut output = Output::default();
     let timer = limits.deadline.map_or_else(never, at);
     loop {
         select! {
@@ -158,7 +198,7 @@ fn relay(
                     if output.write(writer, event).is_err() {
                         return None;
                     }
-                    if limits.max_output.is_some_and(|max| output.bytes > max) {
+                    if limits.max_output.is_some_and(|max| output.bytes() > max) {
                         running.kill();
                         return Some(WsMessage::Error("the output limit was exceeded".into()));
                     }
@@ -193,18 +233,23 @@ fn relay(
 struct Output {
     stdout: Utf8Stream,
     stderr: Utf8Stream,
-    bytes: u64,
+    stdout_bytes: u64,
+    stderr_bytes: u64,
 }
 
 impl Output {
+    fn bytes(&self) -> u64 {
+        self.stdout_bytes + self.stderr_bytes
+    }
+
     fn write(&mut self, writer: &mut Writer, event: Event) -> tungstenite::Result<()> {
         let message = match event {
             Event::Stdout(bytes) => {
-                self.bytes += bytes.len() as u64;
+                self.stdout_bytes += bytes.len() as u64;
                 WsMessage::Stdout(self.stdout.decode(&bytes))
             }
             Event::Stderr(bytes) => {
-                self.bytes += bytes.len() as u64;
+                self.stderr_bytes += bytes.len() as u64;
                 WsMessage::Stderr(self.stderr.decode(&bytes))
             }
             Event::Exit(_) => return Ok(()),

@@ -123,10 +123,18 @@ fn connection(app: &App, stream: TcpStream) {
         .max_message_size(Some(app.server.max_message_bytes))
         .max_frame_size(Some(app.server.max_message_bytes));
     let mut started = None;
+    let arrived = Instant::now();
+    // Handshakes that fail before the request is understood count as bad requests.
+    let status = std::cell::Cell::new(400);
     // The callback's error type is fixed by tungstenite's `Callback` trait.
     #[allow(clippy::result_large_err)]
     let callback = |request: &Request, response: Response| {
-        started = Some(authorize(app, request).map_err(|refusal| *refusal)?);
+        let authorized = authorize(app, request).map_err(|refusal| *refusal);
+        status.set(match &authorized {
+            Ok(_) => 101,
+            Err(refusal) => refusal.status().as_u16(),
+        });
+        started = Some(authorized?);
         Ok(response)
     };
     let conn = Conn {
@@ -134,7 +142,10 @@ fn connection(app: &App, stream: TcpStream) {
         discard_writes: false,
         deadline: Some(Instant::now() + app.server.websocket_timeout()),
     };
-    let mut websocket = match tungstenite::accept_hdr_with_config(conn, callback, Some(config)) {
+    let accepted = tungstenite::accept_hdr_with_config(conn, callback, Some(config));
+    app.metrics
+        .request("websocket", status.get(), arrived.elapsed());
+    let mut websocket = match accepted {
         Ok(websocket) => websocket,
         Err(err) => {
             log::debug!("WebSocket handshake failed: {err}");

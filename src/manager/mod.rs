@@ -29,6 +29,7 @@ use crate::{
     error::{Error, Result},
     executor::{Executor, Runner, RunnerSpec},
     id::{EnvironmentId, RunnerId},
+    metrics::Metrics,
     store::{RecordWriter, RunnerRecord, Store},
 };
 
@@ -47,6 +48,8 @@ pub struct Manager {
     /// Most runners that may exist at once.
     capacity: usize,
     threads: Mutex<Threads>,
+    /// What the server counts (the manager's threads count prewarms).
+    metrics: Arc<Metrics>,
 }
 
 /// The manager's own threads: the timer, the returner of expired runners and the prewarm
@@ -82,6 +85,7 @@ impl Manager {
             store,
             records,
             store_lock: Mutex::new(()),
+            metrics: Arc::default(),
             timer,
             jobs,
             capacity,
@@ -119,6 +123,11 @@ impl Manager {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().expect("manager state poisoned")
+    }
+
+    /// What the server counts.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The executor runners are built with.

@@ -36,6 +36,13 @@ pub struct ActiveGuard {
     token: u64,
 }
 
+impl ActiveGuard {
+    /// The runner the execution runs in.
+    pub fn runner(&self) -> &RunnerId {
+        &self.runner
+    }
+}
+
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         if let Some(claimed) = self.manager.lock().runners.get_mut(&self.runner) {

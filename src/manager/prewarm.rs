@@ -5,7 +5,7 @@
 use std::{
     sync::{Arc, Weak},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crossbeam_channel::{Receiver, after, select};
@@ -65,10 +65,12 @@ fn work(manager: &Weak<Manager>, jobs: &Receiver<Job>, stop: &Receiver<()>) {
             }
         }
         let id = RunnerId::new(job.environment);
+        let started = Instant::now();
         let created = manager
             .executor()
             .create(&id, &spec)
             .map(|runner| (id, runner));
+        manager.metrics.prewarm(started.elapsed(), created.is_ok());
         manager.prewarmed(&job, created);
     }
 }

@@ -2,6 +2,7 @@
 //! the WebSocket listener; the manager's threads are started and stopped with them.
 
 mod http;
+mod scrape;
 
 use std::{
     fmt,
@@ -34,6 +35,7 @@ pub struct Server {
     http_addr: SocketAddr,
     websocket: TcpListener,
     websocket_addr: SocketAddr,
+    scrape: Option<TcpListener>,
     app: Arc<App>,
     config: Config,
 }
@@ -71,6 +73,12 @@ impl Server {
             Error::internal(&format!("cannot listen on {address}:{ws_port}"), err)
         })?;
         let websocket_addr = websocket.local_addr()?;
+        let scrape = match config.metrics.listen {
+            Some(address) => Some(TcpListener::bind(address).map_err(|err| {
+                Error::internal(&format!("cannot listen on {address} for metrics"), err)
+            })?),
+            None => None,
+        };
 
         let store = Store::open(&config.state.dir).map_err(|err| {
             Error::internal(&format!("cannot open {}", config.state.dir.display()), err)
@@ -78,6 +86,7 @@ impl Server {
         let manager = Arc::new(Manager::new(executor, store, config.runner.capacity)?);
         manager.restore(Instant::now());
         let app = Arc::new(App {
+            metrics: Arc::clone(manager.metrics()),
             manager,
             server: config.server.clone(),
             websocket_port: websocket_addr.port(),
@@ -89,6 +98,7 @@ impl Server {
             http_addr,
             websocket,
             websocket_addr,
+            scrape,
             app,
             config,
         })
@@ -127,6 +137,14 @@ impl Server {
             Arc::clone(&websocket_stop),
         );
         threads.push(named("ws-accept").spawn(move || api::ws::serve(listener, app, flag))?);
+        let mut scrape_addr = None;
+        if let Some(listener) = self.scrape {
+            let address = listener.local_addr()?;
+            scrape_addr = Some(address);
+            let (app, flag) = (Arc::clone(&self.app), Arc::clone(&websocket_stop));
+            threads.push(named("metrics").spawn(move || scrape::serve(listener, app, flag))?);
+            log::info!("metrics without token on http://{address}/metrics");
+        }
         log::info!("HTTP API listening on http://{}/api/v1", self.http_addr);
         log::info!(
             "WebSocket executions listening on ws://{}",
@@ -136,6 +154,7 @@ impl Server {
             http: self.http,
             http_addr: self.http_addr,
             websocket_addr: self.websocket_addr,
+            scrape_addr,
             app: self.app,
             websocket_stop,
             stop: Some(stop_tx),
@@ -149,6 +168,7 @@ pub struct ServerHandle {
     http: Arc<HttpListener>,
     http_addr: SocketAddr,
     websocket_addr: SocketAddr,
+    scrape_addr: Option<SocketAddr>,
     app: Arc<App>,
     websocket_stop: Arc<AtomicBool>,
     stop: Option<Sender<()>>,
@@ -175,6 +195,16 @@ impl ServerHandle {
         self.websocket_addr
     }
 
+    /// The address of the scrape listener (`metrics.listen`), if there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.scrape_addr
+    }
+
+    /// What the server counts.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.app.metrics
+    }
+
     /// The API base URL, e.g. `http://127.0.0.1:7200/api/v1` (CodeOcean's `runner_management.url`).
     pub fn url(&self) -> String {
         format!("http://{}/api/v1", self.http_addr)
@@ -196,6 +226,9 @@ impl ServerHandle {
         log::info!("shutting down");
         self.websocket_stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(self.websocket_addr);
+        if let Some(address) = self.scrape_addr {
+            let _ = TcpStream::connect(address);
+        }
         drop(stop);
         self.http.stop();
         self.app.manager.shutdown();

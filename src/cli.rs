@@ -149,6 +149,10 @@ pub struct Cli {
     /// [default: $XDG_STATE_HOME/poseidon-lite or ~/.local/state/poseidon-lite].
     #[arg(long, env = "POSEIDON_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// state.sync: sync runner records to the disk before a claim is answered (survives a
+    /// crash of the machine, costs a disk flush per claim) [default: false].
+    #[arg(long, env = "POSEIDON_STATE_SYNC")]
+    pub state_sync: Option<bool>,
     /// metrics.listen: address serving GET /metrics WITHOUT the token, for scrapers on a
     /// trusted network (e.g. 127.0.0.1:9200) [default: none; the API's /api/v1/metrics needs
     /// the token].
@@ -234,6 +238,7 @@ impl Cli {
         );
         set(&mut network.mtu, self.network_mtu);
         set(&mut config.state.dir, self.state_dir);
+        set(&mut config.state.sync, self.state_sync);
         set(&mut config.logger.level, self.log_level);
         set_some(&mut config.metrics.listen, self.metrics_listen);
         Ok(config)

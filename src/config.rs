@@ -267,12 +267,17 @@ impl Default for NetworkConfig {
 pub struct StateConfig {
     /// Directory for environments, runner workspaces and sandbox files.
     pub dir: PathBuf,
+    /// Sync runner records to the disk before a claim is answered, so that answered claims
+    /// survive a crash of the machine, not only of the server (costs a disk flush per claim,
+    /// shared by concurrent claims).
+    pub sync: bool,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
             dir: default_state_dir(),
+            sync: false,
         }
     }
 }

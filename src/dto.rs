@@ -183,7 +183,31 @@ pub struct Environment {
     pub id: u64,
 }
 
+/// Most `exposedPorts` of an environment. Each becomes a forwarded port of every runner, and
+/// the list is stored with the environment: an exercise needs a handful, and a bound keeps a
+/// definition small (1,000,000 ports once made an 11 MB file).
+pub const MAX_EXPOSED_PORTS: usize = 64;
+
+/// Longest `image` name in bytes, far beyond any image reference (OCI repositories are
+/// limited to 255 characters).
+pub const MAX_IMAGE_BYTES: usize = 1024;
+
 impl Environment {
+    /// Checks the bounds of what a client may send (files of earlier versions are not held
+    /// to them: a stored definition is never refused at start).
+    pub fn check_bounds(&self) -> Result<(), String> {
+        if self.exposed_ports.len() > MAX_EXPOSED_PORTS {
+            return Err(format!(
+                "exposedPorts: at most {MAX_EXPOSED_PORTS} ports, got {}",
+                self.exposed_ports.len()
+            ));
+        }
+        if self.image.len() > MAX_IMAGE_BYTES {
+            return Err(format!("image: at most {MAX_IMAGE_BYTES} bytes"));
+        }
+        Ok(())
+    }
+
     /// The same definition under the path's id.
     pub fn with_id(mut self, id: EnvironmentId) -> Self {
         self.id = id.0;

@@ -86,6 +86,7 @@ pub fn get(app: &App, id: EnvironmentId, request: &Request) -> Result<Reply> {
 /// `PUT /execution-environments/{id}`: 201 when new, 204 when replaced.
 pub fn put(app: &App, id: EnvironmentId, request: &Request) -> Result<Reply> {
     let environment: Environment = dto::parse(&request.body)?;
+    environment.check_bounds().map_err(Error::bad_request)?;
     let created = app.manager.put_environment(id, environment)?;
     Ok(Reply::Empty(if created { 201 } else { 204 }))
 }

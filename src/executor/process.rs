@@ -81,7 +81,10 @@ impl Executor for ProcessExecutor {
     }
 
     fn adopt(&self, id: &RunnerId, _spec: &RunnerSpec) -> Option<Arc<dyn Runner>> {
-        self.runner(id).ok()
+        let runner = self.runner(id).ok()?;
+        // Copies the previous server was cut off in the middle of.
+        super::fsview::remove_partial_files(&self.workspaces.join(id.as_str()));
+        Some(runner)
     }
 
     fn remove_leftovers(&self, keep: &[RunnerId]) {

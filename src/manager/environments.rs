@@ -11,10 +11,17 @@ use crate::{
 };
 
 impl Manager {
-    /// Creates or replaces an environment; `true` if it is new.
+    /// Creates or replaces an environment; `true` if it is new. The file is written (and
+    /// synced) first: a definition that cannot be saved answers an error and changes nothing.
     pub fn put_environment(&self, id: EnvironmentId, environment: Environment) -> Result<bool> {
         self.executor.check_image(&environment.image)?;
         let environment = environment.with_id(id);
+        // Held until memory matches the file, so concurrent writes of one environment end
+        // in the same order on disk and in memory.
+        let _writing = self.store_lock.lock().expect("store lock poisoned");
+        self.store
+            .save_environment(&environment)
+            .map_err(|err| Error::internal("cannot persist the environment", err))?;
         let (created, effects) = {
             let mut state = self.lock();
             let mut effects = Effects::default();
@@ -33,11 +40,8 @@ impl Manager {
             effects.jobs = state.refill(self.capacity);
             (created, effects)
         };
-        // The definition is in effect even if writing it fails: finish what it started.
-        let persisted = self.persist_environment(id);
         let retired = effects.destroy.len();
         self.apply(effects);
-        persisted?;
         match created {
             true => log::info!("environment {id} created"),
             false => log::info!("environment {id} updated ({retired} idle runners retired)"),
@@ -45,9 +49,13 @@ impl Manager {
         Ok(created)
     }
 
-    /// Removes an environment with all its runners.
+    /// Removes an environment with all its runners, in this order: out of memory (claims
+    /// of it fail from then on; records they queued before are ahead in the writer's
+    /// queue), the runners' records, the runners, and last the environment's file. A crash
+    /// at any point leaves no record of a runner without its environment file.
     pub fn delete_environment(&self, id: EnvironmentId) -> Result<()> {
-        let effects = {
+        let _writing = self.store_lock.lock().expect("store lock poisoned");
+        let (spec, effects) = {
             let mut state = self.lock();
             let env = state
                 .environments
@@ -66,29 +74,25 @@ impl Manager {
             for runner_id in ids {
                 state.remove_claimed(&runner_id, StopReason::RunnerDeleted, &mut effects);
             }
-            effects
+            (env.spec, effects)
         };
-        let persisted = self.persist_environment(id);
         let runners = effects.destroy.len();
         self.apply(effects);
-        persisted?;
+        if let Err(err) = self.store.remove_environment(id) {
+            // Memory follows the disk: the definition stays (its runners are gone).
+            let mut state = self.lock();
+            let version = state.next_version();
+            state.environments.insert(id, EnvState::new(spec, version));
+            let jobs = state.refill(self.capacity);
+            drop(state);
+            self.apply(Effects {
+                jobs,
+                ..Effects::default()
+            });
+            return Err(Error::internal("cannot remove the environment", err));
+        }
         log::info!("environment {id} deleted with {runners} runners");
         Ok(())
-    }
-
-    /// Writes the current definition of an environment (or removes its file).
-    fn persist_environment(&self, id: EnvironmentId) -> Result<()> {
-        let _writing = self.store_lock.lock().expect("store lock poisoned");
-        let current = self
-            .lock()
-            .environments
-            .get(&id)
-            .map(|env| env.spec.clone());
-        match current {
-            Some(environment) => self.store.save_environment(&environment),
-            None => self.store.remove_environment(id),
-        }
-        .map_err(|err| Error::internal("cannot persist the environment", err))
     }
 
     /// All environments, ordered by id.

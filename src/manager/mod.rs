@@ -41,7 +41,7 @@ pub struct Manager {
     store: Arc<Store>,
     /// Records claimed runners when the executor can take them back after a restart.
     records: Option<RecordWriter>,
-    /// Serializes writes of environment files (taken before, never inside, `state`).
+    /// Serializes environment changes with their files (taken before, never inside, `state`).
     store_lock: Mutex<()>,
     timer: Sender<TimerCommand>,
     jobs: Sender<Job>,
@@ -135,7 +135,9 @@ impl Manager {
         &self.executor
     }
 
-    /// Carries out what a locked operation decided.
+    /// Carries out what a locked operation decided. Records of forgotten runners are removed
+    /// (and that written) before the runners are destroyed, so that a crash in between never
+    /// brings back a runner whose files are half gone.
     fn apply(&self, effects: Effects) {
         for command in effects.timer {
             let _ = self.timer.send(command);
@@ -148,35 +150,49 @@ impl Manager {
         for (stop, reason) in effects.stop {
             let _ = stop.try_send(reason);
         }
-        if let Some(records) = &self.records {
-            effects.forget.into_iter().for_each(|id| records.remove(id));
+        if let Some(records) = &self.records
+            && !effects.forget.is_empty()
+        {
+            // Failures are logged by the writer; the runner is gone from memory either way,
+            // and a record whose runner cannot be taken back is dropped at the next start.
+            let _ = records.remove(effects.forget);
         }
         for runner in effects.destroy {
             runner.destroy();
         }
     }
 
-    /// Restores persisted environments and claimed runners after a start.
-    pub fn restore(&self, now: Instant) {
-        let environments = self.store.environments();
-        let mut kept = Vec::new();
+    /// Restores persisted environments and claimed runners after a start. A damaged state
+    /// file is an error naming it, and nothing is changed (see [`crate::store`]).
+    pub fn restore(&self, now: Instant) -> Result<()> {
+        let contents = self
+            .store
+            .load()
+            .map_err(|damaged| Error::Internal(damaged.to_string()))?;
+        let environments = contents.environments;
+        // Runners that are not taken back but whose files must stay: quarantined ones and
+        // those whose environment file is missing (it can only have been moved away: an
+        // environment's file is removed only after its runners' records).
+        let mut kept = contents.quarantined;
         let mut adopted = Vec::new();
-        for record in self.store.runners() {
-            let env = EnvironmentId(record.environment.id);
-            let runner = environments
-                .iter()
-                .any(|e| e.id == env.0)
-                .then(|| {
-                    self.executor
-                        .adopt(&record.id, &runner_spec(&record.environment))
-                })
-                .flatten();
-            match runner {
+        for record in contents.runners {
+            let env = record.id.environment();
+            let Some(environment) = environments.iter().find(|e| e.id == env.0) else {
+                log::warn!(
+                    "runner {} is not taken back: environment {env} does not exist; its \
+                     record and files are kept",
+                    record.id
+                );
+                kept.push(record.id);
+                continue;
+            };
+            match self.executor.adopt(&record.id, &runner_spec(environment)) {
                 Some(runner) => {
                     kept.push(record.id.clone());
                     adopted.push((record, runner));
                 }
                 None => {
+                    log::warn!("runner {} is gone; its record is removed", record.id);
                     let _ = self.store.remove_runner(&record.id);
                 }
             }
@@ -193,16 +209,16 @@ impl Manager {
         }
         let mut effects = Effects::default();
         for (record, runner) in adopted {
-            let env = EnvironmentId(record.environment.id);
             log::info!("took back runner {}", record.id);
             let timeout = Duration::from_secs(record.inactivity_timeout);
-            let claimed = Claimed::new(env, runner, timeout);
+            let claimed = Claimed::new(record.id.environment(), runner, timeout);
             effects.timer.extend(claimed.arm(&record.id, now));
             state.insert_claimed(record.id, claimed);
         }
         effects.jobs = state.refill(self.capacity);
         drop(state);
         self.apply(effects);
+        Ok(())
     }
 
     /// Claims a runner of `env`: an idle one, or a new one while capacity remains.
@@ -222,7 +238,7 @@ impl Manager {
                 // Taken and registered under one lock, so the counts never miss it.
                 Some((id, runner)) => {
                     let environment = env_state.spec.clone();
-                    return Ok(self.register(state, id, runner, environment, timeout, now));
+                    return self.register(state, id, runner, environment, timeout, now);
                 }
                 None if total < self.capacity => {
                     let spec = env_state.spec.clone();
@@ -243,10 +259,12 @@ impl Manager {
             runner.destroy();
             return Err(Error::UnknownEnvironment(env));
         }
-        Ok(self.register(state, id, runner, spec, timeout, now))
+        self.register(state, id, runner, spec, timeout, now)
     }
 
-    /// Registers a claimed runner, then (unlocked) arms its timer, records it and refills.
+    /// Registers a claimed runner and queues its record (both under the lock, so the record
+    /// is queued before anything can remove the runner), then, unlocked, arms its timer and
+    /// refills. Answers once the record is written; if it cannot be, the claim is undone.
     fn register(
         &self,
         mut state: MutexGuard<'_, State>,
@@ -255,23 +273,41 @@ impl Manager {
         environment: Environment,
         timeout: Duration,
         now: Instant,
-    ) -> RunnerId {
+    ) -> Result<RunnerId> {
+        let record = RunnerRecord {
+            id: id.clone(),
+            inactivity_timeout: timeout.as_secs(),
+        };
+        let queued = match &self.records {
+            Some(records) => match records.queue_save(record) {
+                Ok(done) => Some(done),
+                Err(err) => {
+                    drop(state);
+                    runner.destroy();
+                    return Err(Error::internal("cannot save the runner", err));
+                }
+            },
+            None => None,
+        };
         let mut effects = Effects::default();
         let claimed = Claimed::new(EnvironmentId(environment.id), runner, timeout);
         effects.timer.extend(claimed.arm(&id, now));
         state.insert_claimed(id.clone(), claimed);
         effects.jobs = state.refill(self.capacity);
         drop(state);
-        if let Some(records) = &self.records {
-            let inactivity_timeout = timeout.as_secs();
-            records.save(RunnerRecord {
-                id: id.clone(),
-                inactivity_timeout,
-                environment,
-            });
-        }
+        let saved = queued.as_ref().map_or(Ok(()), crate::store::wait_for);
         self.apply(effects);
-        id
+        if let Err(err) = saved {
+            let mut effects = Effects::default();
+            {
+                let mut state = self.lock();
+                state.remove_claimed(&id, StopReason::RunnerDeleted, &mut effects);
+                effects.jobs = state.refill(self.capacity);
+            }
+            self.apply(effects);
+            return Err(Error::internal("cannot save the runner", err));
+        }
+        Ok(id)
     }
 
     /// Destroys a claimed runner.
@@ -376,8 +412,10 @@ impl Manager {
         for runner in claimed {
             runner.suspend();
         }
-        if let Some(records) = &self.records {
-            records.flush();
+        if let Some(records) = &self.records
+            && let Err(err) = records.flush()
+        {
+            log::error!("cannot write the runner records: {err}");
         }
     }
 

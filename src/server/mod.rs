@@ -80,11 +80,13 @@ impl Server {
             None => None,
         };
 
-        let store = Store::open(&config.state.dir).map_err(|err| {
-            Error::internal(&format!("cannot open {}", config.state.dir.display()), err)
-        })?;
+        let store = Store::open(&config.state.dir)
+            .map_err(|err| {
+                Error::internal(&format!("cannot open {}", config.state.dir.display()), err)
+            })?
+            .sync_runners(config.state.sync);
         let manager = Arc::new(Manager::new(executor, store, config.runner.capacity)?);
-        manager.restore(Instant::now());
+        manager.restore(Instant::now())?;
         let app = Arc::new(App {
             metrics: Arc::clone(manager.metrics()),
             manager,

@@ -3,6 +3,7 @@
 //! blocking call has a timeout, so a hang fails the test instead of the CI run.
 #![allow(dead_code)]
 
+pub mod process;
 pub mod sandbox;
 
 use std::{

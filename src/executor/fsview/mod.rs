@@ -18,6 +18,7 @@ use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 pub use list::Listing;
 pub use names::{Names, PasswdEntry, parse_passwd};
+pub use patch::{PARTIAL_SUFFIX, remove_partial_files};
 
 use crate::{
     error::{Error, Result},

@@ -1,6 +1,10 @@
 //! `PATCH /files`: delete (like `rm -rf`, with `./*` as a glob over the workspace that keeps
 //! dotfiles), then copy (like Poseidon's `tar` extraction: files 0744, `dir/` entries 01777,
 //! missing parents 0755). Nothing here follows a symlink out of the root.
+//!
+//! Every copied file is written to a temporary file next to it, synced, and renamed over
+//! it: after a failure (full disk) or a crash it holds its old or its complete new content,
+//! never a part. Files are staged in batches that share one sync of the file system.
 
 use std::{
     io::{self, Write},
@@ -28,19 +32,132 @@ pub(super) fn apply(root: &Root, update: &FileUpdate) -> Result<()> {
     for path in &update.delete {
         delete(root, path);
     }
-    let failures: Vec<String> = update
-        .copy
-        .iter()
-        .filter_map(|entry| {
-            copy(root, entry)
-                .err()
-                .map(|err| format!("{}: {err}", entry.path))
-        })
-        .collect();
+    let mut failures: Vec<String> = Vec::new();
+    let mut staged: Vec<Staged> = Vec::new();
+    for entry in &update.copy {
+        let result = if entry.path.ends_with('/') {
+            make_directory(root, entry)
+        } else {
+            stage(root, entry).map(|file| staged.push(file))
+        };
+        if let Err(err) = result {
+            failures.push(format!("{}: {err}", entry.path));
+        }
+        if staged.len() >= STAGED_AT_ONCE {
+            commit(std::mem::take(&mut staged), &mut failures);
+        }
+    }
+    commit(staged, &mut failures);
     if failures.is_empty() {
         Ok(())
     } else {
         Err(Error::FileCopy(failures.join("; ")))
+    }
+}
+
+/// Files written before one sync and their renames; each holds its directory open.
+const STAGED_AT_ONCE: usize = 128;
+
+/// Marks the temporary files of copies; what a crash left behind is removed by
+/// [`remove_partial_files`].
+pub const PARTIAL_SUFFIX: &str = ".poseidon-partial";
+
+/// A file written under a temporary name, waiting for its rename.
+struct Staged {
+    path: String,
+    parent: OwnedFd,
+    name: String,
+    temporary: String,
+}
+
+/// Syncs the staged files' file system once, then renames each over its destination.
+fn commit(staged: Vec<Staged>, failures: &mut Vec<String>) {
+    let Some(first) = staged.first() else {
+        return;
+    };
+    // The walk's descriptors are O_PATH, which syncfs does not take.
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let synced = rustix::fs::openat(&first.parent, ".", flags, Mode::empty())
+        .and_then(|dir| rustix::fs::syncfs(&dir));
+    for file in staged {
+        let renamed = synced.and_then(|()| {
+            rustix::fs::renameat(&file.parent, &file.temporary, &file.parent, &file.name)
+        });
+        if let Err(errno) = renamed {
+            let _ = rustix::fs::unlinkat(&file.parent, &file.temporary, AtFlags::empty());
+            failures.push(format!("{}: {}", file.path, cannot_open(errno)));
+        }
+    }
+}
+
+/// Creates a directory of the request.
+fn make_directory(root: &Root, entry: &FileEntry) -> io::Result<()> {
+    let view = clean(&root.view_path(&entry.path));
+    let dir = make_dirs(root, &view)?;
+    // The walk yields O_PATH descriptors, which cannot be chmod-ed; reopen the directory.
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let dir = rustix::fs::openat(&dir, ".", flags, Mode::empty())?;
+    rustix::fs::fchmod(&dir, Mode::from_raw_mode(DIRECTORY_MODE)).map_err(Into::into)
+}
+
+/// Writes a file of the request under a temporary name in its directory; on failure
+/// nothing is left behind.
+fn stage(root: &Root, entry: &FileEntry) -> io::Result<Staged> {
+    let view = clean(&root.view_path(&entry.path));
+    let (parent, name) =
+        split_parent(&view).ok_or_else(|| cannot_open(rustix::io::Errno::ISDIR))?;
+    let parent = make_dirs(root, parent)?;
+    // A directory is not replaced by a file (tar refuses as well).
+    if let Ok(stat) = rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW)
+        && FileType::from_raw_mode(stat.st_mode) == FileType::Directory
+    {
+        return Err(cannot_open(rustix::io::Errno::ISDIR));
+    }
+    let temporary = format!(".{}{PARTIAL_SUFFIX}", uuid::Uuid::new_v4().simple());
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(&parent, &temporary, flags, Mode::from_raw_mode(FILE_MODE))
+        .map_err(cannot_open)?;
+    let written = rustix::fs::fchmod(&fd, Mode::from_raw_mode(FILE_MODE))
+        .map_err(io::Error::from)
+        .and_then(|()| std::fs::File::from(fd).write_all(&entry.content));
+    if let Err(err) = written {
+        let _ = rustix::fs::unlinkat(&parent, &temporary, AtFlags::empty());
+        return Err(err);
+    }
+    Ok(Staged {
+        path: entry.path.clone(),
+        parent,
+        name: name.to_owned(),
+        temporary,
+    })
+}
+
+/// Removes the temporary files of copies a crash interrupted, anywhere below `dir` (not
+/// following symlinks).
+pub fn remove_partial_files(dir: &std::path::Path) {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    if let Ok(dir) = rustix::fs::open(dir, flags, Mode::empty()) {
+        remove_partial_below(&dir, 0);
+    }
+}
+
+fn remove_partial_below(dir: &OwnedFd, depth: usize) {
+    for name in entry_names(dir) {
+        let Ok(stat) = rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        match FileType::from_raw_mode(stat.st_mode) {
+            FileType::Directory if depth < MAX_DEPTH => {
+                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                if let Ok(child) = rustix::fs::openat(dir, name.as_slice(), flags, Mode::empty()) {
+                    remove_partial_below(&child, depth + 1);
+                }
+            }
+            FileType::RegularFile if name.ends_with(PARTIAL_SUFFIX.as_bytes()) => {
+                let _ = rustix::fs::unlinkat(dir, name.as_slice(), AtFlags::empty());
+            }
+            _ => {}
+        }
     }
 }
 
@@ -100,31 +217,6 @@ fn remove_tree(parent: &impl AsFd, name: &[u8], depth: usize) {
         }
     }
     let _ = rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR);
-}
-
-/// Creates one directory or file of the request.
-fn copy(root: &Root, entry: &FileEntry) -> io::Result<()> {
-    let view = clean(&root.view_path(&entry.path));
-    if entry.path.ends_with('/') {
-        let dir = make_dirs(root, &view)?;
-        // The walk yields O_PATH descriptors, which cannot be chmod-ed; reopen the directory.
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let dir = rustix::fs::openat(&dir, ".", flags, Mode::empty())?;
-        return rustix::fs::fchmod(&dir, Mode::from_raw_mode(DIRECTORY_MODE)).map_err(Into::into);
-    }
-    let (parent, name) =
-        split_parent(&view).ok_or_else(|| cannot_open(rustix::io::Errno::ISDIR))?;
-    let parent = make_dirs(root, parent)?;
-    // Replace whatever is there (a symlink is replaced, not followed), as tar does.
-    match rustix::fs::unlinkat(&parent, name, AtFlags::empty()) {
-        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-        Err(errno) => return Err(cannot_open(errno)),
-    }
-    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let fd = rustix::fs::openat(&parent, name, flags, Mode::from_raw_mode(FILE_MODE))
-        .map_err(cannot_open)?;
-    rustix::fs::fchmod(&fd, Mode::from_raw_mode(FILE_MODE))?;
-    std::fs::File::from(fd).write_all(&entry.content)
 }
 
 /// `mkdir -p` inside the root; returns the final directory.

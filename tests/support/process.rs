@@ -1,0 +1,191 @@
+//! The `poseidon-lite` binary as an operator runs it, in a process of its own: for tests of
+//! signals, crashes and restarts. The process is killed when the value is dropped.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use super::TIMEOUT;
+
+/// A server process and the addresses it logged.
+pub struct Process {
+    pub child: Child,
+    pub api: String,
+    lines: std::sync::Mutex<mpsc::Receiver<String>>,
+    cgroup_name: String,
+}
+
+/// A cgroup name and uid base of this test process's own, so that its servers never use (and
+/// leave groups under) the defaults an operator's server uses. A restarted server gets the
+/// same ones, as the operator's would.
+pub fn own_sandbox_settings() -> (String, u32) {
+    let pid = std::process::id();
+    let base = (1u32 << 30) + (pid.wrapping_mul(7) % 256) * 64 * 65536;
+    (format!("poseidon-lite-binary-test-{pid}"), base)
+}
+
+impl Process {
+    /// Starts the server on `state` and waits until it listens.
+    pub fn start(state: &Path) -> Process {
+        Self::start_with(state, &[])
+    }
+
+    /// Like [`Process::start`] with extra flags.
+    pub fn start_with(state: &Path, args: &[&str]) -> Process {
+        let mut process = Self::spawn(state, args);
+        let line = process.wait_for("HTTP API listening on ");
+        process.api = line
+            .split("listening on ")
+            .nth(1)
+            .expect("address")
+            .trim()
+            .to_owned();
+        process
+    }
+
+    /// Starts the server on `state` without waiting for anything.
+    pub fn spawn(state: &Path, args: &[&str]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_poseidon-lite"))
+            .args([
+                "--port",
+                "0",
+                "--websocket-port",
+                "0",
+                "--log-level",
+                "info",
+                "--executor",
+            ])
+            .arg(super::executor_name())
+            .arg("--image")
+            .arg(format!("{}=host", super::TEST_IMAGE))
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--cgroup-name", &own_sandbox_settings().0])
+            .args(["--uid-base", &own_sandbox_settings().1.to_string()])
+            .args(match args.contains(&"--capacity") {
+                true => &[][..],
+                false => &["--capacity", "16"][..],
+            })
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("server starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Process {
+            child,
+            api: String::new(),
+            lines: std::sync::Mutex::new(lines),
+            cgroup_name: own_sandbox_settings().0,
+        }
+    }
+
+    /// Waits for a log line containing `needle`.
+    pub fn wait_for(&self, needle: &str) -> String {
+        let lines = self.lines.lock().expect("log lines");
+        loop {
+            let line = lines
+                .recv_timeout(TIMEOUT)
+                .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Waits for the process to exit; its status and the whole log.
+    pub fn exit(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.wait();
+        let mut log = String::new();
+        let lines = self.lines.lock().expect("log lines");
+        while let Ok(line) = lines.recv_timeout(TIMEOUT) {
+            log.push_str(&line);
+            log.push('\n');
+        }
+        (status, log)
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(TIMEOUT))
+            .build()
+            .into()
+    }
+
+    /// Sends a request; the status and the body as text.
+    pub fn call(&self, method: &str, path: &str, body: serde_json::Value) -> (u16, String) {
+        self.call_raw(method, path, body.to_string().into_bytes())
+    }
+
+    /// Sends a request with a body as is; `(0, error)` if no answer came.
+    pub fn call_raw(&self, method: &str, path: &str, body: Vec<u8>) -> (u16, String) {
+        let request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.api))
+            .body(body)
+            .expect("request");
+        match Self::agent().run(request) {
+            Ok(mut response) => {
+                let status = response.status().as_u16();
+                let body = response.body_mut().read_to_string().unwrap_or_default();
+                (status, body)
+            }
+            Err(err) => (0, err.to_string()),
+        }
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status();
+        assert!(status.expect("kill runs").success());
+    }
+
+    /// Waits (with the harness timeout) for the process to end.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, then waits for the end.
+    pub fn crash(mut self) {
+        self.signal("KILL");
+        self.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // A clean shutdown removes the runners' groups; a kill would leave them behind.
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = Command::new("kill")
+                .args(["-s", "TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + TIMEOUT;
+            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        super::remove_cgroups(&self.cgroup_name);
+    }
+}

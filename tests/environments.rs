@@ -611,7 +611,7 @@ fn statistics_count_idle_and_used_runners_exactly_after_claims_and_deletes() {
 }
 
 #[test]
-fn a_failed_environment_write_answers_500_and_leaves_the_pool_working() {
+fn a_failed_environment_write_answers_500_and_changes_nothing() {
     let server = TestServer::start();
     let environments = server.state.path().join("environments");
     std::fs::remove_dir_all(&environments).expect("remove");
@@ -619,11 +619,12 @@ fn a_failed_environment_write_answers_500_and_leaves_the_pool_working() {
     let answer = server.send("PUT", "/execution-environments/1", &environment_body(1, 2));
     assert_eq!(answer.status, 500, "{}", answer.text());
     assert_eq!(answer.json()["errorCode"], "UNKNOWN");
+    // What could not be saved is not in effect either.
+    assert_eq!(server.get("/execution-environments/1").status, 404);
     std::fs::remove_file(&environments).expect("unblock");
     std::fs::create_dir(&environments).expect("restore");
     let answer = server.send("PUT", "/execution-environments/1", &environment_body(1, 2));
-    assert_eq!(answer.status, 204, "{}", answer.text());
-    // The pool counted by the failed request is still filled.
+    assert_eq!(answer.status, 201, "{}", answer.text());
     server.wait_idle(1, 2);
     assert!(environments.join("1.json").exists());
 }

@@ -101,9 +101,20 @@ pub struct RunnerResponse {
     /// The claimed runner.
     #[serde(rename = "runnerId")]
     pub runner_id: String,
-    /// Always empty: runners expose no ports yet.
+    /// The runner's exposed ports and where they are reachable; always an array.
     #[serde(rename = "mappedPorts")]
-    pub mapped_ports: Vec<serde_json::Value>,
+    pub mapped_ports: Vec<MappedPort>,
+}
+
+/// One entry of `mappedPorts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MappedPort {
+    /// The port inside the runner.
+    #[serde(rename = "exposedPort")]
+    pub exposed_port: u16,
+    /// `<host>:<port>` that reaches it.
+    #[serde(rename = "hostAddress")]
+    pub host_address: String,
 }
 
 /// `POST /runners/{id}/execute`.

@@ -163,6 +163,7 @@ fn unknown_images_are_refused() {
         cpu_limit: 0,
         memory_limit: 0,
         network_access: false,
+        exposed_ports: Vec::new(),
     };
     assert!(matches!(
         test.executor

@@ -33,11 +33,23 @@ pub fn provide(app: &App, request: &Request) -> Result<Reply> {
         Duration::from_secs(timeout),
     )?;
     app.metrics.claim(started.elapsed());
+    // Deleted meanwhile: the client learns that on its next request.
+    let mapped_ports = app
+        .manager
+        .touch(&id)
+        .map(|runner| runner.mapped_ports())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|port| dto::MappedPort {
+            exposed_port: port.exposed_port,
+            host_address: port.host_address,
+        })
+        .collect();
     Ok(Reply::json(
         200,
         &RunnerResponse {
             runner_id: id.to_string(),
-            mapped_ports: Vec::new(),
+            mapped_ports,
         },
     ))
 }

@@ -64,6 +64,8 @@ pub struct RunnerSpec {
     pub memory_limit: u32,
     /// Whether the runner may use the network.
     pub network_access: bool,
+    /// Ports inside the runner reachable from outside (only with `network_access`).
+    pub exposed_ports: Vec<u16>,
 }
 
 /// A command to run in a runner.
@@ -167,6 +169,10 @@ pub trait Runner: Send + Sync + fmt::Debug {
     fn update_files(&self, update: &FileUpdate) -> Result<()>;
     /// Ends every process of the runner and removes all its resources. Idempotent.
     fn destroy(&self);
+    /// The runner's exposed ports and where they are reachable (`mappedPorts`).
+    fn mapped_ports(&self) -> Vec<crate::network::forward::MappedPort> {
+        Vec::new()
+    }
     /// Ends every process of the runner at server shutdown but keeps what
     /// [`Executor::adopt`] can take back after the restart; by default, destroys it.
     fn suspend(&self) {
@@ -180,6 +186,11 @@ pub trait Executor: Send + Sync + fmt::Debug {
     fn name(&self) -> &'static str;
     /// Checks that `image` can be used; [`crate::Error::UnknownImage`] otherwise.
     fn check_image(&self, image: &str) -> Result<()>;
+    /// Checks that runners of an environment with `networkAccess` can get it here; a
+    /// [`crate::Error::BadRequest`] naming what is missing otherwise.
+    fn check_network(&self) -> Result<()> {
+        Ok(())
+    }
     /// Creates a new runner; may take milliseconds, so it is called off the request path
     /// (or on it, when the pool is empty).
     fn create(&self, id: &crate::id::RunnerId, spec: &RunnerSpec) -> Result<Arc<dyn Runner>>;
@@ -192,4 +203,7 @@ pub trait Executor: Send + Sync + fmt::Debug {
     fn adopt(&self, id: &crate::id::RunnerId, spec: &RunnerSpec) -> Option<Arc<dyn Runner>>;
     /// Removes everything left over by an earlier run except the runners in `keep`.
     fn remove_leftovers(&self, keep: &[crate::id::RunnerId]);
+    /// Called once at a clean exit, after every runner has ended: undoes what the executor
+    /// changed on the host.
+    fn shutdown(&self) {}
 }

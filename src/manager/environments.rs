@@ -15,6 +15,9 @@ impl Manager {
     /// synced) first: a definition that cannot be saved answers an error and changes nothing.
     pub fn put_environment(&self, id: EnvironmentId, environment: Environment) -> Result<bool> {
         self.executor.check_image(&environment.image)?;
+        if environment.network_access {
+            self.executor.check_network()?;
+        }
         let environment = environment.with_id(id);
         // Held until memory matches the file, so concurrent writes of one environment end
         // in the same order on disk and in memory.

@@ -386,6 +386,7 @@ impl Manager {
         for thread in others {
             let _ = thread.join();
         }
+        self.executor.shutdown();
     }
 
     /// Marks the manager closing, stops every execution and destroys every runner.
@@ -445,5 +446,6 @@ pub fn runner_spec(environment: &Environment) -> RunnerSpec {
         cpu_limit: environment.cpu_limit,
         memory_limit: environment.memory_limit,
         network_access: environment.network_access,
+        exposed_ports: environment.exposed_ports.clone(),
     }
 }

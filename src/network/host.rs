@@ -4,6 +4,7 @@
 
 use std::{
     fs, io,
+    os::fd::AsFd,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -19,48 +20,37 @@ const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
 /// Poseidon's runners use).
 pub const FALLBACK_DNS: &[&str] = &["8.8.8.8", "8.8.4.4", "2001:4860:4860::8888"];
 
-/// Checks that runners can get network access here; the error names what is missing.
-pub fn check() -> Result<(), String> {
+/// Checks that runners can get network access here; the error names what is missing. The
+/// kernel parts are tried for real in a throwaway network namespace (modules are often built
+/// in, with no trace under `/sys/module`): a veth pair is created and `script` (the server's
+/// table) loaded there; both vanish with the namespace.
+pub fn check(script: &str) -> Result<(), String> {
     let euid = rustix::process::geteuid().as_raw();
     if euid != 0 {
-        return Err(format!(
-            "runner networking needs root (running as uid {euid})"
-        ));
+        return Err(format!("runner networking needs root (running as uid {euid})"));
     }
     firewall::available()?;
-    if !kernel_module("nf_tables") {
-        return Err("the kernel has no nf_tables (modprobe nf_tables)".into());
-    }
-    if !kernel_module("veth") {
-        return Err("the kernel has no veth interfaces (modprobe veth)".into());
-    }
     if !Path::new(IP_FORWARD).exists() {
         return Err(format!("{IP_FORWARD} is missing"));
     }
-    Ok(())
-}
-
-/// Whether a kernel module is loaded, built in, or can be loaded on demand.
-fn kernel_module(name: &str) -> bool {
-    if Path::new("/sys/module").join(name).exists() {
-        return true;
-    }
-    let release = rustix::system::uname()
-        .release()
-        .to_string_lossy()
-        .into_owned();
-    let modules = Path::new("/lib/modules").join(release);
-    let builtin = fs::read_to_string(modules.join("modules.builtin")).unwrap_or_default();
-    let listed = fs::read_to_string(modules.join("modules.dep")).unwrap_or_default();
-    let file = format!("/{name}.ko");
-    builtin
-        .lines()
-        .chain(
-            listed
-                .lines()
-                .map(|line| line.split(':').next().unwrap_or("")),
+    let script = script.to_owned();
+    std::thread::spawn(move || {
+        crate::sys::sandbox::unshare_namespaces(libc::CLONE_NEWNET)
+            .map_err(|err| format!("cannot create a network namespace: {err}"))?;
+        let here = rustix::fs::open(
+            "/proc/thread-self/ns/net",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
         )
-        .any(|line| line.contains(&file))
+        .map_err(|err| format!("cannot open a network namespace: {err}"))?;
+        Netlink::open()
+            .and_then(|mut netlink| netlink.create_veth("check0", "check1", here.as_fd(), 1500))
+            .map_err(|err| format!("the kernel cannot create veth interfaces: {err}"))?;
+        firewall::load(&script, false)
+            .map_err(|err| format!("nf_tables cannot load the server's table: {err}"))
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the check panicked".into()))
 }
 
 /// Forwarding as it was before the server turned it on, kept in a file so that a server

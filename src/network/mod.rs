@@ -117,7 +117,7 @@ impl Network {
             ));
         }
         let available = self.available.get_or_init(|| {
-            let result = host::check();
+            let result = host::check(&firewall::render(&self.rules));
             if let Err(reason) = &result {
                 log::warn!("network: runners cannot get network access: {reason}");
             }
@@ -249,6 +249,7 @@ fn wire(
     }
     let mut inner = Netlink::open_in(netns)?;
     let eth0 = inner.index(RUNNER_INTERFACE)?;
+    inner.set_up(eth0)?;
     inner.add_address(eth0, IpAddr::V4(addresses.runner_v4), 31)?;
     inner.add_default_route(eth0, IpAddr::V4(addresses.host_v4))?;
     if active.ipv6 {

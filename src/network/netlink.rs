@@ -100,7 +100,8 @@ impl Netlink {
         })
     }
 
-    /// Creates veth pair `name` here with its peer `peer` in namespace `peer_netns`, both up.
+    /// Creates veth pair `name` here, up, with its peer `peer` (down) in namespace
+    /// `peer_netns`.
     pub fn create_veth(
         &mut self,
         name: &str,
@@ -177,7 +178,8 @@ impl Netlink {
         let seq = self.seq;
         let dump = message.flags() & NLM_F_DUMP == NLM_F_DUMP;
         let bytes = message.finish(seq);
-        rustix::net::send(&self.fd, &bytes, SendFlags::empty())?;
+        let kernel = rustix::net::netlink::SocketAddrNetlink::new(0, 0);
+        rustix::net::sendto(&self.fd, &bytes, SendFlags::empty(), &kernel)?;
         let mut buf = vec![0u8; 64 << 10];
         loop {
             let (len, _) = rustix::net::recv(&self.fd, &mut buf[..], RecvFlags::empty())?;
@@ -283,7 +285,8 @@ fn veth_message(name: &str, peer: &str, peer_netns_fd: u32, mtu: u32) -> Message
     message.attr(IFLA_INFO_KIND, b"veth");
     let data = message.begin(IFLA_INFO_DATA);
     let peer_info = message.begin(VETH_INFO_PEER);
-    message.put(&ifinfomsg(0, IFF_UP, IFF_UP));
+    // Not up yet: the kernel configures the peer before linking the pair (ENOTCONN).
+    message.put(&ifinfomsg(0, 0, 0));
     message.attr(IFLA_IFNAME, &c_string(peer));
     message.attr(IFLA_MTU, &mtu.to_ne_bytes());
     message.attr(IFLA_NET_NS_FD, &peer_netns_fd.to_ne_bytes());
@@ -437,7 +440,7 @@ mod tests {
             &(IFLA_INFO_DATA | NLA_F_NESTED).to_ne_bytes(),
             &48u16.to_ne_bytes(),
             &(VETH_INFO_PEER | NLA_F_NESTED).to_ne_bytes(),
-            &ifinfomsg(0, 1, 1),
+            &ifinfomsg(0, 0, 0),
             &9u16.to_ne_bytes(),
             &IFLA_IFNAME.to_ne_bytes(),
             b"eth0\0\0\0\0",

@@ -84,6 +84,7 @@ impl TestExecutor {
             cpu_limit: 0,
             memory_limit: 0,
             network_access: false,
+            exposed_ports: Vec::new(),
         };
         modify(&mut spec);
         let id = RunnerId::new(spec.environment);

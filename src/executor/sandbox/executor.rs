@@ -5,10 +5,7 @@ use std::{
     collections::BTreeSet,
     fs,
     path::PathBuf,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -18,6 +15,7 @@ use crate::{
     error::{Error, Result},
     executor::{Command, Executor, Outcome, Runner, RunnerSpec},
     id::{EnvironmentId, RunnerId},
+    network::Network,
 };
 
 /// How long the start-up self-test may take to run `true`.
@@ -46,7 +44,8 @@ pub(super) struct Shared {
     pub dir: PathBuf,
     pub cgroups: Cgroups,
     slots: Mutex<Slots>,
-    network_warned: AtomicBool,
+    /// Network access and exposed ports.
+    pub network: Arc<Network>,
 }
 
 /// Free host uid ranges, numbered from `uid_base`.
@@ -68,6 +67,7 @@ impl SandboxExecutor {
         let agent = agent_path(sandbox).map_err(unavailable)?;
         let count = slot_count(sandbox.uid_base, config.runner.capacity);
         check_uid_range(sandbox.uid_base, count, &HOST_ID_FILES).map_err(unavailable)?;
+        let network = Network::new(config)?;
         let cgroups = Cgroups::detect(&sandbox.cgroup_name).map_err(unavailable)?;
         cgroups
             .prepare()
@@ -95,7 +95,7 @@ impl SandboxExecutor {
             dir,
             cgroups,
             slots,
-            network_warned: AtomicBool::new(false),
+            network,
         };
         let executor = SandboxExecutor {
             shared: Arc::new(shared),
@@ -117,6 +117,7 @@ impl SandboxExecutor {
             cpu_limit: 0,
             memory_limit: 0,
             network_access: false,
+            exposed_ports: Vec::new(),
         };
         let runner = SandboxRunner::start(&self.shared, &RunnerId::new(spec.environment), &spec)?;
         let command = Command {
@@ -245,13 +246,6 @@ impl Shared {
     pub fn give_slot(&self, slot: u32) {
         self.slots.lock().unwrap().free.push(slot);
     }
-
-    /// Logs once that network access is not implemented.
-    pub fn warn_network(&self) {
-        if !self.network_warned.swap(true, Ordering::Relaxed) {
-            log::warn!("sandbox: networkAccess is not supported yet, runners stay offline");
-        }
-    }
 }
 
 impl Executor for SandboxExecutor {
@@ -262,6 +256,14 @@ impl Executor for SandboxExecutor {
     fn check_image(&self, image: &str) -> Result<()> {
         let config = &self.shared.config;
         image::resolve(image, &config.images, config.images_dir.as_deref()).map(|_| ())
+    }
+
+    fn check_network(&self) -> Result<()> {
+        self.shared.network.check()
+    }
+
+    fn shutdown(&self) {
+        self.shared.network.shutdown();
     }
 
     fn create(&self, id: &RunnerId, spec: &RunnerSpec) -> Result<Arc<dyn Runner>> {

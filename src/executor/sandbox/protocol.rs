@@ -42,6 +42,9 @@ pub struct Setup {
     pub runner_dir: PathBuf,
     /// Size of the writable layer in MiB.
     pub disk_limit_mb: u64,
+    /// Content of the runner's `/etc/resolv.conf` (networked runners only).
+    #[serde(default)]
+    pub resolv_conf: Option<String>,
 }
 
 /// The lower layer of a runner's root file system.

@@ -1,5 +1,6 @@
 //! A runner of the sandbox executor, as the server holds it: the control socket to the
-//! runner's agent, the agent's launcher process, the runner's cgroup, directory and uid range.
+//! runner's agent, the agent's launcher process, the runner's cgroup, directory and uid range,
+//! and for environments with network access its interface and port forwarder.
 //! Every operation opens its own socket, so runners need no lock and idle ones no thread.
 
 use std::{
@@ -29,6 +30,7 @@ use crate::{
     error::{Error, Result},
     executor::{Command, FileContent, FileUpdate, Process, Runner, RunnerSpec},
     id::RunnerId,
+    network::{Attachment, forward::Forwarder, forward::MappedPort},
 };
 
 /// How long building a runner may take.
@@ -50,7 +52,16 @@ pub struct SandboxRunner {
     /// Executions go on their own socket, to the agent's waiting reaper.
     exec: OnceLock<OwnedFd>,
     launcher: Mutex<Option<Child>>,
+    net: Mutex<Option<RunnerNet>>,
     destroyed: AtomicBool,
+}
+
+/// A networked runner's interface and forwarder; dropping it removes both.
+#[derive(Debug)]
+struct RunnerNet {
+    // Declared first: listeners close before the interface goes.
+    forwarder: Option<Forwarder>,
+    attachment: Attachment,
 }
 
 impl SandboxRunner {
@@ -59,7 +70,7 @@ impl SandboxRunner {
         let config = &shared.config;
         let image = image::resolve(&spec.image, &config.images, config.images_dir.as_deref())?;
         if spec.network_access {
-            shared.warn_network();
+            shared.network.check()?;
         }
         let runner = SandboxRunner {
             id: id.clone(),
@@ -70,6 +81,7 @@ impl SandboxRunner {
             control: OnceLock::new(),
             exec: OnceLock::new(),
             launcher: Mutex::new(None),
+            net: Mutex::new(None),
             destroyed: AtomicBool::new(false),
         };
         // On error, dropping `runner` destroys whatever part of it exists.
@@ -93,9 +105,53 @@ impl SandboxRunner {
             image,
             runner_dir: runner.dir.clone(),
             disk_limit_mb: config.disk_limit_mb,
+            resolv_conf: spec
+                .network_access
+                .then(|| shared.network.resolv_conf()),
         };
         runner.launch(&setup)?;
+        if spec.network_access {
+            runner.connect(&spec.exposed_ports)?;
+        }
         Ok(runner)
+    }
+
+    /// Gives the runner its interface and forwards its exposed ports. Runs before the runner
+    /// is handed out, so no learner code runs before it is online.
+    fn connect(&self, exposed_ports: &[u16]) -> Result<()> {
+        let pid = match &*self.launcher.lock().unwrap() {
+            Some(child) => child.id(),
+            None => return Err(Error::Internal("sandbox: the runner has no launcher".into())),
+        };
+        // The launcher unshared the runner's network namespace before forking the init; it is
+        // our unreaped child, so its pid is still its own.
+        let netns = rustix::fs::open(
+            format!("/proc/{pid}/ns/net"),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|err| Error::internal("sandbox: cannot open the runner's network", err))?;
+        let attachment = self.shared.network.attach(netns.as_fd())?;
+        let forwarder = match exposed_ports {
+            [] => None,
+            ports => {
+                let config = self.shared.network.config();
+                let forwarder = Forwarder::start(
+                    config.publish_address,
+                    config.advertise_host.as_deref(),
+                    std::net::IpAddr::V4(attachment.runner_v4()),
+                    ports,
+                    config.forward_connections,
+                )
+                .map_err(|err| Error::internal("sandbox: cannot publish exposed ports", err))?;
+                Some(forwarder)
+            }
+        };
+        *self.net.lock().unwrap() = Some(RunnerNet {
+            forwarder,
+            attachment,
+        });
+        Ok(())
     }
 
     /// Starts the agent and waits until it reports the runner ready.
@@ -253,11 +309,24 @@ impl Runner for SandboxRunner {
         }
     }
 
+    fn mapped_ports(&self) -> Vec<MappedPort> {
+        let net = self.net.lock().unwrap();
+        let forwarder = net.as_ref().and_then(|net| net.forwarder.as_ref());
+        forwarder.map_or_else(Vec::new, |forwarder| forwarder.ports().to_vec())
+    }
+
     fn destroy(&self) {
         if self.destroyed.swap(true, Ordering::SeqCst) {
             return;
         }
+        // Listeners close first; the interface goes once the runner's processes have ended.
+        let net = self.net.lock().unwrap().take();
+        let attachment = net.map(|net| {
+            drop(net.forwarder);
+            net.attachment
+        });
         self.end_agent();
+        drop(attachment);
         if let Err(err) = self.group.remove() {
             // The directory stays, so that the next start finds the group as a leftover; the
             // uid range is not reused while a process of this runner may still hold it.

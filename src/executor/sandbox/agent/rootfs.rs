@@ -83,6 +83,9 @@ pub(super) fn build(setup: &Setup, userns: BorrowedFd<'_>) -> io::Result<User> {
         ImageSource::Host => host_root(base)?,
         ImageSource::Directory(dir) => directory_root(dir, userns)?,
     }
+    if let Some(text) = &setup.resolv_conf {
+        write_resolv_conf(text, base)?;
+    }
     let user = read_user();
     let own = |uid: u32, gid: u32| Some((base + uid, base + gid));
     make_dir("root/tmp", 0o1777, own(0, 0))?;
@@ -94,6 +97,39 @@ pub(super) fn build(setup: &Setup, userns: BorrowedFd<'_>) -> io::Result<User> {
     build_dev(setup.disk_limit_mb)?;
     pivot("root")?;
     Ok(user)
+}
+
+/// Replaces the image's `/etc/resolv.conf` in the writable layer with the runner's resolvers,
+/// owned by root inside. Whatever the image has there (often a symlink into `/run`) is removed
+/// first, and the new file created exclusively: nothing is followed out of the runner's root.
+fn write_resolv_conf(text: &str, base: u32) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match fs::symlink_metadata("root/etc") {
+        Err(_) => make_dir("root/etc", 0o755, Some((base, base)))?,
+        Ok(meta) if !meta.is_dir() => {
+            // A symlink would resolve against the host's root here, before the pivot.
+            return Err(io::Error::other("the image's /etc is not a directory"));
+        }
+        Ok(_) => {}
+    }
+    match fs::remove_file("root/etc/resolv.conf") {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+        _ => {}
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open("root/etc/resolv.conf")?;
+    file.write_all(text.as_bytes())?;
+    rustix::fs::fchown(
+        &file,
+        Some(Uid::from_raw(base)),
+        Some(Gid::from_raw(base)),
+    )?;
+    Ok(())
 }
 
 /// The `host` image: a tmpfs directory as root with one overlay per host directory.

@@ -1,0 +1,88 @@
+//! Runners with `networkAccess`, driven through the API of a real server inside a world of
+//! network namespaces (see `support/networld.rs`): what a runner can and cannot reach.
+
+mod support;
+#[path = "support/networld.rs"]
+mod networld;
+
+use networld::{PRIVATE, PUBLIC, SERVICE_PORT, UPLINK_V4, UPLINK_V6};
+
+/// A bash function per probe kind; each prints `<kind> <target> <port> => <answer or error>`.
+const PROBES: &str = r#"
+t() { r=$(timeout 5 bash -c "exec 3<>/dev/tcp/$1/$2 && head -n1 <&3" 2>&1); echo "T $1 $2 => ${r:-EMPTY}"; }
+u() { r=$(timeout 3 bash -c "exec 3<>/dev/udp/$1/$2 && printf x >&3 && dd bs=512 count=1 status=none <&3" 2>&1); echo "U $1 $2 => ${r:-EMPTY}"; }
+"#;
+
+/// The answers of a probe script: (kind, target, port) → answer.
+fn answers(output: &str) -> Vec<(String, String)> {
+    output
+        .lines()
+        .filter_map(|line| line.split_once(" => "))
+        .map(|(probe, answer)| (probe.trim().to_owned(), answer.trim().to_owned()))
+        .collect()
+}
+
+/// The service's answer `<its address> <peer>`, if the probe reached one.
+fn reached(answer: &str) -> Option<(String, String)> {
+    let mut words = answer.split_whitespace();
+    let (local, peer) = (words.next()?, words.next()?);
+    local.parse::<std::net::IpAddr>().ok()?;
+    peer.parse::<std::net::IpAddr>().ok()?;
+    Some((local.to_owned(), peer.to_owned()))
+}
+
+#[test]
+fn public_targets_work_masqueraded_and_everything_else_is_closed() {
+    let Some(world) = networld::world() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let _server = networld::Server::start(&world, state.path().to_owned(), &[]);
+    let output = world.host.run(|| {
+        assert_eq!(networld::environment(1, 1, true, &[]), 201);
+        networld::wait_idle(1, 1);
+        let (runner, mapped) = networld::claim(1);
+        assert_eq!(mapped, serde_json::json!([]));
+        let mut script = String::from(PROBES);
+        for target in PUBLIC {
+            script += &format!("t {target} {SERVICE_PORT}\nu {target} {SERVICE_PORT}\n");
+        }
+        for target in PRIVATE {
+            script += &format!("t {target} {SERVICE_PORT}\nu {target} {SERVICE_PORT}\n");
+        }
+        // The host: uplink, LAN, the runner's gateway, over v4 and v6, TCP and UDP; and the
+        // runner's own loopback, which is not the host's.
+        script += "gw4=$(ip -4 route show default | awk '{print $3}')\n";
+        script += "gw6=$(ip -6 route show default | awk '{print $3}')\n";
+        for (target, port) in [
+            (UPLINK_V4, 7002),
+            ("192.168.50.2", 7002),
+            ("$gw4", 7002),
+            (UPLINK_V6, 7004),
+            ("fd50::2", 7004),
+            ("$gw6", 7004),
+            ("127.0.0.1", 7001),
+            ("::1", 7003),
+        ] {
+            script += &format!("t {target} {port}\n");
+        }
+        script += &format!("u {UPLINK_V4} 7006\nu 127.0.0.1 7005\n");
+        script += "echo interfaces $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort)\n";
+        script += "cat /etc/resolv.conf\n";
+        networld::run(&runner, &script, true)
+    });
+    eprintln!("{output}");
+    let answers = answers(&output);
+    assert!(answers.len() >= 2 * (PUBLIC.len() + PRIVATE.len()) + 10, "{output}");
+    for (probe, answer) in &answers {
+        let target = probe.split_whitespace().nth(1).unwrap_or_default();
+        if PUBLIC.contains(&target) {
+            let (local, peer) = reached(answer).unwrap_or_else(|| panic!("{probe}: {answer}"));
+            assert_eq!(local, target, "{probe}");
+            let uplink = if target.contains(':') { UPLINK_V6 } else { UPLINK_V4 };
+            assert_eq!(peer, uplink, "{probe}: not masqueraded");
+        } else {
+            assert_eq!(reached(answer), None, "{probe} reached: {answer}");
+        }
+    }
+    assert!(output.contains("interfaces eth0 lo\n"), "{output}");
+    assert!(output.contains("nameserver 203.0.113.53"), "{output}");
+}

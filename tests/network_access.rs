@@ -1,9 +1,9 @@
 //! Runners with `networkAccess`, driven through the API of a real server inside a world of
 //! network namespaces (see `support/networld.rs`): what a runner can and cannot reach.
 
-mod support;
 #[path = "support/networld.rs"]
 mod networld;
+mod support;
 
 use networld::{PRIVATE, PUBLIC, SERVICE_PORT, UPLINK_V4, UPLINK_V6};
 
@@ -33,7 +33,9 @@ fn reached(answer: &str) -> Option<(String, String)> {
 
 #[test]
 fn public_targets_work_masqueraded_and_everything_else_is_closed() {
-    let Some(world) = networld::world() else { return };
+    let Some(world) = networld::world() else {
+        return;
+    };
     let state = tempfile::tempdir().unwrap();
     let _server = networld::Server::start(&world, state.path().to_owned(), &[]);
     let output = world.host.run(|| {
@@ -71,13 +73,20 @@ fn public_targets_work_masqueraded_and_everything_else_is_closed() {
     });
     eprintln!("{output}");
     let answers = answers(&output);
-    assert!(answers.len() >= 2 * (PUBLIC.len() + PRIVATE.len()) + 10, "{output}");
+    assert!(
+        answers.len() >= 2 * (PUBLIC.len() + PRIVATE.len()) + 10,
+        "{output}"
+    );
     for (probe, answer) in &answers {
         let target = probe.split_whitespace().nth(1).unwrap_or_default();
         if PUBLIC.contains(&target) {
             let (local, peer) = reached(answer).unwrap_or_else(|| panic!("{probe}: {answer}"));
             assert_eq!(local, target, "{probe}");
-            let uplink = if target.contains(':') { UPLINK_V6 } else { UPLINK_V4 };
+            let uplink = if target.contains(':') {
+                UPLINK_V6
+            } else {
+                UPLINK_V4
+            };
             assert_eq!(peer, uplink, "{probe}: not masqueraded");
         } else {
             assert_eq!(reached(answer), None, "{probe} reached: {answer}");

@@ -4,8 +4,8 @@
 
 use std::{
     fs, io,
-    os::fd::AsFd,
     net::IpAddr,
+    os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
@@ -27,7 +27,9 @@ pub const FALLBACK_DNS: &[&str] = &["8.8.8.8", "8.8.4.4", "2001:4860:4860::8888"
 pub fn check(script: &str) -> Result<(), String> {
     let euid = rustix::process::geteuid().as_raw();
     if euid != 0 {
-        return Err(format!("runner networking needs root (running as uid {euid})"));
+        return Err(format!(
+            "runner networking needs root (running as uid {euid})"
+        ));
     }
     firewall::available()?;
     if !Path::new(IP_FORWARD).exists() {

@@ -194,7 +194,11 @@ pub fn world() -> Option<World> {
         ns.ip(cmd);
     }
     for addr in PUBLIC.iter().chain(PRIVATE) {
-        let options = if addr.contains(':') { "/128 nodad" } else { "/32" };
+        let options = if addr.contains(':') {
+            "/128 nodad"
+        } else {
+            "/32"
+        };
         world.ip(&format!("addr add {addr}{options} dev lo"));
         serve(&world, addr.parse().unwrap(), SERVICE_PORT);
     }
@@ -273,7 +277,10 @@ impl Server {
             ("POSEIDON_SANDBOX_CGROUP_NAME", cgroup.as_str()),
             ("POSEIDON_SANDBOX_UID_BASE", uid_base.as_str()),
             ("POSEIDON_SANDBOX_PIDS_LIMIT", "256"),
-            ("POSEIDON_NETWORK_ALLOWED_RANGES", "203.0.113.0/24,2001:db8::/32"),
+            (
+                "POSEIDON_NETWORK_ALLOWED_RANGES",
+                "203.0.113.0/24,2001:db8::/32",
+            ),
             ("POSEIDON_NETWORK_DNS", "203.0.113.53"),
             ("POSEIDON_NETWORK_PUBLISH_ADDRESS", UPLINK_V4),
             ("POSEIDON_LOGGER_LEVEL", "info"),
@@ -352,7 +359,11 @@ impl Drop for Server {
         // last processes exit).
         for _ in 0..50 {
             let mut left = false;
-            for controller in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            for controller in std::fs::read_dir("/sys/fs/cgroup")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let group = controller.path().join(&self.cgroup);
                 for runner in std::fs::read_dir(&group).into_iter().flatten().flatten() {
                     if runner.path().is_dir() {
@@ -390,7 +401,10 @@ pub fn api(method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16, 
     let mut response = response.unwrap_or_else(|err| panic!("{method} {path}: {err}"));
     let status = response.status().as_u16();
     let text = response.body_mut().read_to_string().unwrap_or_default();
-    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
 }
 
 /// An environment of the host image; call it inside the host namespace.
@@ -409,7 +423,10 @@ pub fn wait_idle(id: u64, idle: u64) {
         if stats[id.to_string()]["idleRunners"].as_u64() == Some(idle) {
             return;
         }
-        assert!(std::time::Instant::now() < deadline, "no {idle} idle runners: {stats}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {idle} idle runners: {stats}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

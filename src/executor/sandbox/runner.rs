@@ -105,9 +105,7 @@ impl SandboxRunner {
             image,
             runner_dir: runner.dir.clone(),
             disk_limit_mb: config.disk_limit_mb,
-            resolv_conf: spec
-                .network_access
-                .then(|| shared.network.resolv_conf()),
+            resolv_conf: spec.network_access.then(|| shared.network.resolv_conf()),
         };
         runner.launch(&setup)?;
         if spec.network_access {
@@ -121,7 +119,11 @@ impl SandboxRunner {
     fn connect(&self, exposed_ports: &[u16]) -> Result<()> {
         let pid = match &*self.launcher.lock().unwrap() {
             Some(child) => child.id(),
-            None => return Err(Error::Internal("sandbox: the runner has no launcher".into())),
+            None => {
+                return Err(Error::Internal(
+                    "sandbox: the runner has no launcher".into(),
+                ));
+            }
         };
         // The launcher unshared the runner's network namespace before forking the init; it is
         // our unreaped child, so its pid is still its own.

@@ -124,11 +124,7 @@ fn write_resolv_conf(text: &str, base: u32) -> io::Result<()> {
         .custom_flags(libc::O_NOFOLLOW)
         .open("root/etc/resolv.conf")?;
     file.write_all(text.as_bytes())?;
-    rustix::fs::fchown(
-        &file,
-        Some(Uid::from_raw(base)),
-        Some(Gid::from_raw(base)),
-    )?;
+    rustix::fs::fchown(&file, Some(Uid::from_raw(base)), Some(Gid::from_raw(base)))?;
     Ok(())
 }
 

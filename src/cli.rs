@@ -26,7 +26,8 @@ pub struct Cli {
     /// server.port: HTTP port, 0 = any free port [default: 7200].
     #[arg(long, env = "POSEIDON_SERVER_PORT")]
     pub port: Option<u16>,
-    /// server.websocket_port: WebSocket port, 0 = any free port [default: HTTP port + 1].
+    /// server.websocket_port: WebSocket port, 0 = any free port, the HTTP port = no second
+    /// listener (the HTTP port serves WebSocket upgrades too) [default: HTTP port + 1].
     #[arg(long, env = "POSEIDON_SERVER_WEBSOCKET_PORT")]
     pub websocket_port: Option<u16>,
     /// server.token: secret expected in the Poseidon-Token header; unset = no authentication.
@@ -36,9 +37,13 @@ pub struct Cli {
     /// when behind a proxy [default: ws://HOST:PORT with the request's Host and the WebSocket port].
     #[arg(long, env = "POSEIDON_SERVER_WEBSOCKET_URL")]
     pub websocket_url: Option<String>,
-    /// server.workers: HTTP worker threads [default: 8].
+    /// server.workers: HTTP worker threads, and as many again for downloads, listings and
+    /// large bodies [default: 8].
     #[arg(long, env = "POSEIDON_SERVER_WORKERS")]
     pub workers: Option<usize>,
+    /// server.max_connections: most open HTTP connections; more get 503 [default: 1024].
+    #[arg(long, env = "POSEIDON_SERVER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// server.max_body_bytes: largest request body; larger ones get 413 [default: 64 MiB].
     #[arg(long, env = "POSEIDON_SERVER_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<u64>,
@@ -188,6 +193,7 @@ impl Cli {
         );
         set_some(&mut server.websocket_url, self.websocket_url);
         set(&mut server.workers, self.workers);
+        set(&mut server.max_connections, self.max_connections);
         set(&mut server.max_body_bytes, self.max_body_bytes);
         set(&mut server.max_message_bytes, self.max_message_bytes);
         set(

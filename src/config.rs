@@ -47,15 +47,19 @@ pub struct ServerConfig {
     pub address: IpAddr,
     /// HTTP port; 0 picks a free one.
     pub port: u16,
-    /// WebSocket port; `None` means `port + 1` (or ephemeral when `port` is 0); 0 picks a free one.
+    /// WebSocket port; `None` means `port + 1` (or ephemeral when `port` is 0); 0 picks a free
+    /// one; the HTTP port means no second listener (the API port serves upgrades anyway).
     pub websocket_port: Option<u16>,
     /// Shared secret expected in the `Poseidon-Token` header; `None` disables authentication.
     pub token: Option<String>,
     /// Base of the WebSocket URLs handed to clients (e.g. `wss://runners.example.org`) when the
     /// server sits behind a proxy; by default it is built from the request's `Host` header.
     pub websocket_url: Option<String>,
-    /// Number of HTTP worker threads.
+    /// Number of HTTP worker threads, and again as many for downloads, listings and large
+    /// bodies.
     pub workers: usize,
+    /// Most open HTTP and WebSocket-handshake connections; more are answered 503 and closed.
+    pub max_connections: usize,
     /// Largest accepted request body in bytes; larger ones get 413.
     pub max_body_bytes: u64,
     /// Largest accepted WebSocket message (stdin) in bytes.
@@ -82,6 +86,7 @@ impl Default for ServerConfig {
             token: None,
             websocket_url: None,
             workers: 8,
+            max_connections: 1024,
             max_body_bytes: 64 << 20,
             max_message_bytes: 1 << 20,
             prewarming_pool_threshold: 0.0,

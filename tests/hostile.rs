@@ -55,7 +55,7 @@ fn a_client_that_stalls_while_sending_a_body_gets_an_error_and_others_are_served
     .expect("write");
     assert_eq!(server.get("/health").status, 204);
     let answer = read_until_closed(&mut slow);
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
     assert_eq!(
         server.get("/execution-environments/1").status,
         404,

@@ -1,4 +1,4 @@
-//! The HTTP API: the one place that knows URLs. [`dispatch`] turns a tiny_http request into a
+//! The HTTP API: the one place that knows URLs. [`dispatch`] turns an HTTP exchange into a
 //! parsed [`Request`], routes it, checks the token, calls a handler and writes its [`Reply`];
 //! errors become Poseidon's status codes and bodies here and nowhere else.
 
@@ -18,7 +18,6 @@ use std::{
 
 use serde::Serialize;
 use subtle::ConstantTimeEq;
-use tiny_http::{Header, Response, StatusCode};
 
 pub use route::Route;
 
@@ -28,6 +27,7 @@ use crate::{
     error::{Error, Result},
     manager::Manager,
     metrics::Metrics,
+    server::http::{Exchange, Length},
 };
 
 /// What handlers share.
@@ -148,38 +148,28 @@ pub fn error_reply(err: &Error) -> Reply {
 }
 
 /// Handles one request completely: a panic in a handler becomes a 500 and the worker lives on.
-pub fn dispatch(app: &App, mut request: tiny_http::Request) {
+pub fn dispatch(app: &App, exchange: &mut Exchange) {
     let started = Instant::now();
-    let method = request.method().clone();
-    let url = request.url().to_owned();
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let (route, reply, body_read) = handle(app, &mut request);
-        let status = reply.status();
-        if status >= 500 {
-            notice_error(app, route, &reply);
+    let method = exchange.method().clone();
+    let target = exchange.target().to_owned();
+    let (route, reply) = match catch_unwind(AssertUnwindSafe(|| handle(app, exchange))) {
+        Ok(handled) => handled,
+        Err(_) => {
+            log::error!("handler panicked on {method} {target}");
+            let err = Error::Internal("the request handler failed".into());
+            ("unknown", error_reply(&err))
         }
-        // Counted before answering, so that a client sees its request in the next scrape.
-        app.metrics.request(route, status, started.elapsed());
-        // tiny_http drains a body left unread when the request is dropped, for as long as the
-        // client keeps sending; bodies up to 1 KiB it has read already. Let a thread of its
-        // own do that, not a worker.
-        if !body_read && request.body_length().is_some_and(|length| length > 1024) {
-            let spawned = std::thread::Builder::new()
-                .name("drain".into())
-                .spawn(move || respond(request, reply));
-            if let Err(err) = spawned {
-                log::warn!("cannot start a thread to answer {method} {url}: {err}");
-            }
-        } else if let Err(err) = respond(request, reply) {
-            log::debug!("cannot answer {method} {url}: {err}");
-        }
-        status
-    }));
-    match outcome {
-        Ok(status) => log::debug!("{method} {url} {status} {:?}", started.elapsed()),
-        // The request was consumed by the panicking code; tiny_http answers 500 when it drops.
-        Err(_) => log::error!("handler panicked on {method} {url}"),
+    };
+    let status = reply.status();
+    if status >= 500 {
+        notice_error(app, route, &reply);
     }
+    // Counted before answering, so that a client sees its request in the next scrape.
+    app.metrics.request(route, status, started.elapsed());
+    if let Err(err) = respond(exchange, reply) {
+        log::debug!("cannot answer {method} {target}: {err}");
+    }
+    log::debug!("{method} {target} {status} {:?}", started.elapsed());
 }
 
 /// Remembers a server error for the status page.
@@ -194,46 +184,38 @@ fn notice_error(app: &App, route: &str, reply: &Reply) {
 }
 
 /// Routes, authenticates, reads the body and runs the handler; also tells the route's name
-/// (for metrics) and whether the body was read.
-fn handle(app: &App, request: &mut tiny_http::Request) -> (&'static str, Reply, bool) {
-    let url = request.url().to_owned();
-    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    let route = match Route::parse(request.method(), path) {
+/// (for metrics). A body is read only for a request that gets that far; the connection of
+/// any other is closed after the answer.
+fn handle(app: &App, exchange: &mut Exchange) -> (&'static str, Reply) {
+    let target = exchange.target().to_owned();
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let route = match Route::parse(exchange.method(), path) {
         Ok(route) => route,
-        Err(err) => return ("unknown", error_reply(&err), false),
+        Err(err) => return ("unknown", error_reply(&err)),
     };
     let name = route.name();
-    if route.needs_token() && !authorized(app, request) {
-        return (name, error_reply(&Error::Unauthorized), false);
+    if route.needs_token() && !authorized(app, exchange) {
+        return (name, error_reply(&Error::Unauthorized));
     }
     let limit = app.server.max_body_bytes;
-    if request
-        .body_length()
-        .is_some_and(|length| length as u64 > limit)
-    {
-        return (name, error_reply(&Error::PayloadTooLarge(limit)), false);
+    if exchange.body_length().is_some_and(|length| length > limit) {
+        return (name, error_reply(&Error::PayloadTooLarge(limit)));
     }
-    let parsed = match read_request(app, request, query) {
+    let parsed = match read_request(app, exchange, query) {
         Ok(parsed) => parsed,
-        Err(err) => return (name, error_reply(&err), false),
+        Err(err) => return (name, error_reply(&err)),
     };
     let reply = match route.handle(app, &parsed) {
         Ok(reply) => reply,
         Err(err) => error_reply(&err),
     };
-    (name, reply, true)
+    (name, reply)
 }
 
 /// Compares the `Poseidon-Token` header in constant time.
-fn authorized(app: &App, request: &tiny_http::Request) -> bool {
-    let Some(token) = app.server.required_token() else {
-        return true;
-    };
-    request
-        .headers()
-        .iter()
-        .find(|header| header.field.equiv("Poseidon-Token"))
-        .is_some_and(|header| bool::from(header.value.as_bytes().ct_eq(token.as_bytes())))
+fn authorized(app: &App, exchange: &Exchange) -> bool {
+    let sent = exchange.header("poseidon-token").map(str::as_bytes);
+    token_matches(&app.server, sent)
 }
 
 /// Checks a token sent to the WebSocket listener.
@@ -245,11 +227,11 @@ pub fn token_matches(server: &ServerConfig, sent: Option<&[u8]>) -> bool {
     }
 }
 
-fn read_request(app: &App, request: &mut tiny_http::Request, query: &str) -> Result<Request> {
+fn read_request(app: &App, exchange: &mut Exchange, query: &str) -> Result<Request> {
     let limit = app.server.max_body_bytes;
     let mut body = Vec::new();
-    request
-        .as_reader()
+    exchange
+        .body()
         .take(limit + 1)
         .read_to_end(&mut body)
         .map_err(|err| Error::bad_request(format!("cannot read the request body: {err}")))?;
@@ -266,40 +248,29 @@ fn read_request(app: &App, request: &mut tiny_http::Request, query: &str) -> Res
             .entry(key.into_owned())
             .or_insert_with(|| value.into_owned());
     }
-    parsed.host = request
-        .headers()
-        .iter()
-        .find(|header| header.field.equiv("Host"))
-        .map(|header| header.value.as_str().to_owned());
+    parsed.host = exchange.header("host").map(str::to_owned);
     Ok(parsed)
 }
 
-fn respond(request: tiny_http::Request, reply: Reply) -> io::Result<()> {
-    let json = || Header::from_bytes("Content-Type", "application/json").expect("valid header");
+fn respond(exchange: &mut Exchange, reply: Reply) -> io::Result<()> {
+    const JSON: (&str, &str) = ("Content-Type", "application/json");
     match reply {
-        Reply::Empty(status) => request.respond(Response::empty(StatusCode(status))),
+        Reply::Empty(status) => exchange.respond(status, &[], Length::Known(0), &mut io::empty()),
         Reply::Json(status, body) => {
-            let length = body.len();
-            let body = io::Cursor::new(body);
-            let response =
-                Response::new(StatusCode(status), vec![json()], body, Some(length), None);
-            request.respond(response.with_chunked_threshold(usize::MAX))
+            let length = Length::Known(body.len() as u64);
+            exchange.respond(status, &[JSON], length, &mut io::Cursor::new(body))
         }
         Reply::Stream {
             headers,
             length,
-            body,
+            mut body,
         } => {
-            let headers = headers
-                .into_iter()
-                .filter_map(|(name, value)| Header::from_bytes(name, value).ok())
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(name, value)| (*name, value.as_str()))
                 .collect();
-            let length = length.and_then(|length| usize::try_from(length).ok());
-            let response = Response::new(StatusCode(200), headers, body, length, None);
-            // A known length is always sent as Content-Length (tiny_http would switch to
-            // chunked encoding from 32 KiB on); an unknown one is sent chunked.
-            let threshold = if length.is_some() { usize::MAX } else { 0 };
-            request.respond(response.with_chunked_threshold(threshold))
+            let length = length.map_or(Length::Chunked, Length::Known);
+            exchange.respond(200, &headers, length, &mut body)
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Routes of `/api/v1`: method + path segments → [`Route`].
 
-use tiny_http::Method;
+use crate::server::http::Method;
 
 use super::{App, Reply, Request, environments, runners};
 use crate::{

@@ -1,58 +1,43 @@
-//! The WebSocket listener: its own `TcpListener`, one thread per connection. The handshake
-//! checks path, token, runner and execution and answers 401/404/410 as plain HTTP before any
-//! upgrade; then the connection becomes an execution [`super::session`].
+//! WebSocket handshakes, on either listener: the request head (read by the server's front)
+//! must be a WebSocket upgrade (else 400, as Poseidon's upgrader answers), and path, token,
+//! origin, runner and execution are checked and answered 401/403/404/410 as plain HTTP before
+//! any upgrade; then the connection becomes an execution [`super::session`] on a thread of its
+//! own.
 
 use std::{
     io::{self, Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
+    net::{Shutdown, TcpStream},
+    sync::Arc,
     thread,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use tungstenite::{
-    handshake::server::{ErrorResponse, Request, Response},
-    http::{self, StatusCode},
-    protocol::WebSocketConfig,
+    WebSocket,
+    handshake::derive_accept_key,
+    protocol::{Role, WebSocketConfig},
 };
 
 use super::{App, session, token_matches};
 use crate::{
     dto::ClientError,
-    error::Error,
+    error::{Error, Result},
     id::{ExecutionId, RunnerId},
     manager::StartedExecution,
+    server::http::{Exchange, Head, Length, Method, conn::write_head},
 };
-
-/// Connections handled at once; more are closed right away.
-const MAX_CONNECTIONS: usize = 4096;
-/// Pause after a failed `accept()`.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// A TCP stream that can be told to drop what is written to it: the reading side of a session
 /// must never write, because tungstenite's automatic replies would interleave with the frames
 /// the writing side sends.
-/// While it has a deadline (during the handshake), every read waits at most until then, so a
-/// client that trickles its request in byte by byte is cut off all the same.
 #[derive(Debug)]
 pub struct Conn {
     stream: TcpStream,
     discard_writes: bool,
-    deadline: Option<Instant>,
 }
 
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let Some(deadline) = self.deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-            self.stream.set_read_timeout(Some(left))?;
-        }
         self.stream.read(buf)
     }
 }
@@ -75,163 +60,146 @@ impl Write for Conn {
     }
 }
 
-/// Accepts connections until `stop` is set (and the listener woken by a connection).
-pub fn serve(listener: TcpListener, app: Arc<App>, stop: Arc<AtomicBool>) {
-    let active = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let stream = match stream {
-            Ok(stream) => stream,
-            Err(err) => {
-                // Out of descriptors, say: wait a moment instead of spinning on the error.
-                log::warn!("cannot accept a WebSocket connection: {err}");
-                thread::sleep(ACCEPT_BACKOFF);
-                continue;
-            }
-        };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
-            log::warn!("too many WebSocket connections; closing a new one");
-            continue;
-        }
-        let (app, connections) = (Arc::clone(&app), Arc::clone(&active));
-        let spawned = thread::Builder::new().name("ws".into()).spawn(move || {
-            connection(&app, stream);
-            connections.fetch_sub(1, Ordering::SeqCst);
-        });
-        if let Err(err) = spawned {
-            active.fetch_sub(1, Ordering::SeqCst);
-            log::error!("cannot start a WebSocket thread: {err}");
-        }
-    }
-}
-
-fn connection(app: &App, stream: TcpStream) {
+/// Answers a handshake request: a refusal, or 101 and a session on a thread of its own.
+pub fn handshake(app: &Arc<App>, exchange: Exchange) {
+    let arrived = Instant::now();
+    let (head, conn) = exchange.into_parts();
+    let leftover = conn.pending().to_vec();
+    let mut stream = conn.stream;
+    let checked = upgrade_key(&head).and_then(|key| Ok((key, authorize(app, &head)?)));
+    let status = checked.as_ref().map_or_else(Error::status, |_| 101);
+    app.metrics.request("websocket", status, arrived.elapsed());
+    let (key, started) = match checked {
+        Ok(checked) => checked,
+        Err(err) => return refuse(stream, &err),
+    };
+    let answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {}\r\n\r\n",
+        derive_accept_key(key.as_bytes())
+    );
     let timeout = Some(app.server.websocket_timeout());
+    // From here the reader waits for the client as long as the execution runs.
     let prepared = stream
-        .set_read_timeout(timeout)
+        .write_all(answer.as_bytes())
+        .and_then(|()| stream.set_read_timeout(None))
         .and_then(|()| stream.set_write_timeout(timeout))
-        .and_then(|()| stream.set_nodelay(true))
         .and_then(|()| stream.try_clone());
     let writer = match prepared {
         Ok(writer) => writer,
-        Err(err) => return log::debug!("cannot prepare a WebSocket connection: {err}"),
+        Err(err) => return log::debug!("cannot upgrade a WebSocket connection: {err}"),
     };
     let config = WebSocketConfig::default()
         .max_message_size(Some(app.server.max_message_bytes))
         .max_frame_size(Some(app.server.max_message_bytes));
-    let mut started = None;
-    let arrived = Instant::now();
-    // Handshakes that fail before the request is understood count as bad requests.
-    let status = std::cell::Cell::new(400);
-    // The callback's error type is fixed by tungstenite's `Callback` trait.
-    #[allow(clippy::result_large_err)]
-    let callback = |request: &Request, response: Response| {
-        let authorized = authorize(app, request).map_err(|refusal| *refusal);
-        status.set(match &authorized {
-            Ok(_) => 101,
-            Err(refusal) => refusal.status().as_u16(),
-        });
-        started = Some(authorized?);
-        Ok(response)
-    };
-    let conn = Conn {
+    let reader = Conn {
         stream,
-        discard_writes: false,
-        deadline: Some(Instant::now() + app.server.websocket_timeout()),
+        discard_writes: true,
     };
-    let accepted = tungstenite::accept_hdr_with_config(conn, callback, Some(config));
-    app.metrics
-        .request("websocket", status.get(), arrived.elapsed());
-    let mut websocket = match accepted {
-        Ok(websocket) => websocket,
-        Err(err) => {
-            log::debug!("WebSocket handshake failed: {err}");
-            let _ = writer.shutdown(Shutdown::Both);
-            return;
-        }
+    let websocket = WebSocket::from_partially_read(reader, leftover, Role::Server, Some(config));
+    let app = Arc::clone(app);
+    let spawned = thread::Builder::new()
+        .name("ws".into())
+        .spawn(move || session::run(&app, websocket, writer, config, started));
+    if let Err(err) = spawned {
+        log::error!("cannot start a WebSocket session thread: {err}");
+    }
+}
+
+/// The `Sec-WebSocket-Key` of a valid upgrade request (RFC 6455 section 4.2.1).
+fn upgrade_key(head: &Head) -> Result<String> {
+    let refused = |what: &str| {
+        Err(Error::bad_request(format!(
+            "not a WebSocket handshake: {what}"
+        )))
     };
-    let Some(started) = started else { return };
-    websocket.get_mut().discard_writes = true;
-    websocket.get_mut().deadline = None;
-    // From here the reader waits for the client as long as the execution runs.
-    let _ = websocket.get_ref().stream.set_read_timeout(None);
-    session::run(app, websocket, writer, config, started);
+    if head.method != Method::Get {
+        return refused("the method is not GET");
+    }
+    if !head.websocket {
+        return refused("no Upgrade: websocket");
+    }
+    let connection = head.header("connection").unwrap_or_default();
+    if !connection
+        .split(',')
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+    {
+        return refused("no Connection: upgrade");
+    }
+    if head.header("sec-websocket-version") != Some("13") {
+        return refused("Sec-WebSocket-Version is not 13");
+    }
+    match head.header("sec-websocket-key") {
+        Some(key) if !key.is_empty() => Ok(key.to_owned()),
+        _ => refused("no Sec-WebSocket-Key"),
+    }
+}
+
+/// A plain HTTP answer for a refused handshake, with Poseidon's status and body; then closes.
+fn refuse(mut stream: TcpStream, err: &Error) {
+    let body = if err.has_empty_body() {
+        String::new()
+    } else {
+        serde_json::to_string(&ClientError {
+            message: &err.to_string(),
+        })
+        .unwrap_or_default()
+    };
+    let headers: &[(&str, &str)] = if body.is_empty() {
+        &[]
+    } else {
+        &[("Content-Type", "application/json")]
+    };
+    let length = Length::Known(body.len() as u64);
+    let mut answer = Vec::new();
+    let _ = write_head(&mut answer, err.status(), headers, length, false);
+    answer.extend_from_slice(body.as_bytes());
+    let _ = stream.write_all(&answer);
+    let _ = stream.shutdown(Shutdown::Write);
+    // Read what the client still sends for a moment, so that the answer is not lost to a reset.
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_millis(200)));
+    let _ = io::copy(&mut (&stream).take(64 << 10), &mut io::sink());
 }
 
 /// Checks a handshake request and takes its execution.
-fn authorize(app: &App, request: &Request) -> Result<StartedExecution, Box<ErrorResponse>> {
-    let path = request.uri().path();
-    let runner = path
+fn authorize(app: &App, head: &Head) -> Result<StartedExecution> {
+    let runner = head
+        .path()
         .strip_prefix("/api/v1/runners/")
         .and_then(|rest| rest.strip_suffix("/websocket"))
         .filter(|runner| !runner.is_empty() && !runner.contains('/'))
-        .ok_or_else(|| reject(&Error::NotFound))?;
-    let token = request
-        .headers()
-        .get("Poseidon-Token")
-        .map(http::HeaderValue::as_bytes);
+        .ok_or(Error::NotFound)?;
+    let token = head.header("poseidon-token").map(str::as_bytes);
     if !token_matches(&app.server, token) {
-        return Err(reject(&Error::Unauthorized));
+        return Err(Error::Unauthorized);
     }
-    if !same_origin(request) {
-        return Err(reject(&Error::Forbidden(
-            "request origin not allowed".into(),
-        )));
+    if !same_origin(head) {
+        return Err(Error::Forbidden("request origin not allowed".into()));
     }
-    let id =
-        RunnerId::parse(runner).ok_or_else(|| reject(&Error::UnknownRunner(runner.to_owned())))?;
-    app.manager.check_runner(&id).map_err(|err| reject(&err))?;
-    let execution = request
-        .uri()
-        .query()
-        .and_then(|query| {
+    let id = RunnerId::parse(runner).ok_or_else(|| Error::UnknownRunner(runner.to_owned()))?;
+    app.manager.check_runner(&id)?;
+    let execution = head
+        .target
+        .split_once('?')
+        .and_then(|(_, query)| {
             form_urlencoded::parse(query.as_bytes())
                 .find(|(key, _)| key == "executionID")
                 .and_then(|(_, value)| ExecutionId::parse(&value))
         })
-        .ok_or_else(|| reject(&Error::UnknownExecution))?;
-    app.manager
-        .start_execution(&id, execution)
-        .map_err(|err| reject(&err))
+        .ok_or(Error::UnknownExecution)?;
+    app.manager.start_execution(&id, execution)
 }
 
 /// Like Poseidon's WebSocket upgrader: a browser's `Origin` must name the host it connects to
 /// (requests without `Origin`, as CodeOcean's, pass), so that other sites' pages cannot use
 /// a leaked execution URL.
-fn same_origin(request: &Request) -> bool {
-    let Some(origin) = request.headers().get(http::header::ORIGIN) else {
+fn same_origin(head: &Head) -> bool {
+    let Some(origin) = head.header("origin") else {
         return true;
     };
-    let host = request
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|host| host.to_str().ok());
+    let host = head.header("host");
     let origin_host = origin
-        .to_str()
-        .ok()
-        .and_then(|origin| origin.split_once("://"))
+        .split_once("://")
         .map(|(_, rest)| rest.split('/').next().unwrap_or(rest));
     matches!((origin_host, host), (Some(origin), Some(host)) if origin.eq_ignore_ascii_case(host))
-}
-
-/// A plain HTTP answer for a refused handshake, with Poseidon's status and body.
-fn reject(err: &Error) -> Box<ErrorResponse> {
-    let body = (!err.has_empty_body()).then(|| {
-        serde_json::to_string(&ClientError {
-            message: &err.to_string(),
-        })
-        .unwrap_or_default()
-    });
-    let mut response = ErrorResponse::new(body);
-    *response.status_mut() = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::BAD_REQUEST);
-    if response.body().is_some() {
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/json"),
-        );
-    }
-    Box::new(response)
 }

@@ -1,7 +1,9 @@
-//! Binding, threads and shutdown: the HTTP listener feeding a worker pool over a channel and
-//! the WebSocket listener; the manager's threads are started and stopped with them.
+//! Binding, threads and shutdown: the listeners, whose `front` reads requests and feeds two
+//! worker pools over channels (one for the API, one for downloads, listings and large bodies);
+//! the manager's threads are started and stopped with them.
 
-mod http;
+mod front;
+pub mod http;
 mod scrape;
 
 use std::{
@@ -15,9 +17,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 
-use self::http::HttpListener;
+use self::{
+    front::{Front, Job, Returned, Settings, Waker},
+    http::Port,
+};
 
 use crate::{
     api::{self, App},
@@ -30,10 +35,10 @@ use crate::{
 
 /// A bound but not yet running server.
 pub struct Server {
-    http: Arc<HttpListener>,
-    requests: Receiver<tiny_http::Request>,
+    front: Front,
+    api_jobs: Receiver<Job>,
+    bulk_jobs: Receiver<Job>,
     http_addr: SocketAddr,
-    websocket: TcpListener,
     websocket_addr: SocketAddr,
     scrape: Option<TcpListener>,
     app: Arc<App>,
@@ -49,6 +54,11 @@ impl fmt::Debug for Server {
     }
 }
 
+fn listen(address: std::net::IpAddr, port: u16) -> Result<TcpListener> {
+    TcpListener::bind((address, port))
+        .map_err(|err| Error::internal(&format!("cannot listen on {address}:{port}"), err))
+}
+
 impl Server {
     /// Binds both listeners, opens the state directory and restores persisted environments.
     pub fn bind(config: Config) -> Result<Server> {
@@ -58,21 +68,33 @@ impl Server {
 
     /// Like [`Server::bind`] with a given executor.
     pub fn with_executor(config: Config, executor: Arc<dyn Executor>) -> Result<Server> {
-        let address = config.server.address;
-        let timeout = Duration::from_secs(config.server.http_timeout_secs.max(1));
-        let (requests_tx, requests) = crossbeam_channel::bounded(64);
-        let http = HttpListener::bind(address, config.server.port, timeout, requests_tx).map_err(
-            |err| {
-                let port = config.server.port;
-                Error::internal(&format!("cannot listen on {address}:{port}"), err)
-            },
-        )?;
-        let http_addr = http.addr();
-        let ws_port = config.server.websocket_port();
-        let websocket = TcpListener::bind((address, ws_port)).map_err(|err| {
-            Error::internal(&format!("cannot listen on {address}:{ws_port}"), err)
-        })?;
-        let websocket_addr = websocket.local_addr()?;
+        let server = &config.server;
+        let address = server.address;
+        let http = listen(address, server.port)?;
+        let http_addr = http.local_addr()?;
+        let mut listeners = vec![(http, Port::Api)];
+        // The API listener serves WebSocket upgrades too; a second listener only when asked.
+        let websocket_addr = match server.websocket_port() {
+            port if port != 0 && port == server.port => http_addr,
+            port => {
+                let websocket = listen(address, port)?;
+                let addr = websocket.local_addr()?;
+                listeners.push((websocket, Port::WebSocket));
+                addr
+            }
+        };
+        let max_connections = server.max_connections.max(1);
+        // As many queued jobs as there can be connections: the front never waits on a queue.
+        let (api, api_jobs) = crossbeam_channel::bounded(max_connections);
+        let (bulk, bulk_jobs) = crossbeam_channel::bounded(max_connections);
+        let settings = Settings {
+            api,
+            bulk,
+            http_timeout: Duration::from_secs(server.http_timeout_secs.max(1)),
+            websocket_timeout: server.websocket_timeout(),
+            max_connections,
+        };
+        let front = Front::new(listeners, settings)?;
         let scrape = match config.metrics.listen {
             Some(address) => Some(TcpListener::bind(address).map_err(|err| {
                 Error::internal(&format!("cannot listen on {address} for metrics"), err)
@@ -95,10 +117,10 @@ impl Server {
             max_output_bytes: config.runner.max_output_bytes,
         });
         Ok(Server {
-            http: Arc::new(http),
-            requests,
+            front,
+            api_jobs,
+            bulk_jobs,
             http_addr,
-            websocket,
             websocket_addr,
             scrape,
             app,
@@ -111,7 +133,7 @@ impl Server {
         self.http_addr
     }
 
-    /// The WebSocket listener's address.
+    /// The WebSocket listener's address (the HTTP listener's when there is no second one).
     pub fn websocket_addr(&self) -> SocketAddr {
         self.websocket_addr
     }
@@ -120,30 +142,25 @@ impl Server {
     pub fn spawn(self) -> Result<ServerHandle> {
         let named = |name: &str| thread::Builder::new().name(name.to_owned());
         let mut threads = Vec::new();
-        let (stop_tx, stop) = crossbeam_channel::bounded::<()>(0);
-        self.http.start(stop.clone())?;
-        for index in 0..self.config.server.workers.max(1) {
-            let (app, requests) = (Arc::clone(&self.app), self.requests.clone());
-            let worker = named(&format!("http-{index}")).spawn(move || {
-                for request in requests {
-                    api::dispatch(&app, request);
-                }
-            })?;
-            threads.push(worker);
+        let waker = self.front.waker();
+        let workers = self.config.server.workers.max(1);
+        for (pool, jobs) in [("http", &self.api_jobs), ("bulk", &self.bulk_jobs)] {
+            for index in 0..workers {
+                let (app, jobs, waker) = (Arc::clone(&self.app), jobs.clone(), waker.clone());
+                let worker = named(&format!("{pool}-{index}"))
+                    .spawn(move || serve_jobs(&app, &jobs, &waker))?;
+                threads.push(worker);
+            }
         }
         self.app.manager.start(self.config.runner.prewarm_threads)?;
-        let websocket_stop = Arc::new(AtomicBool::new(false));
-        let (listener, app, flag) = (
-            self.websocket,
-            Arc::clone(&self.app),
-            Arc::clone(&websocket_stop),
-        );
-        threads.push(named("ws-accept").spawn(move || api::ws::serve(listener, app, flag))?);
+        let front = self.front;
+        threads.push(named("http-front").spawn(move || front.run())?);
+        let scrape_stop = Arc::new(AtomicBool::new(false));
         let mut scrape_addr = None;
         if let Some(listener) = self.scrape {
             let address = listener.local_addr()?;
             scrape_addr = Some(address);
-            let (app, flag) = (Arc::clone(&self.app), Arc::clone(&websocket_stop));
+            let (app, flag) = (Arc::clone(&self.app), Arc::clone(&scrape_stop));
             threads.push(named("metrics").spawn(move || scrape::serve(listener, app, flag))?);
             log::info!("metrics without token on http://{address}/metrics");
         }
@@ -153,27 +170,52 @@ impl Server {
             self.websocket_addr
         );
         Ok(ServerHandle {
-            http: self.http,
+            waker: Some(waker),
             http_addr: self.http_addr,
             websocket_addr: self.websocket_addr,
             scrape_addr,
+            scrape_stop,
             app: self.app,
-            websocket_stop,
-            stop: Some(stop_tx),
             threads,
         })
     }
 }
 
+/// A worker: serves requests until the front stops.
+fn serve_jobs(app: &Arc<App>, jobs: &Receiver<Job>, waker: &Waker) {
+    for job in jobs {
+        let mut exchange = job.exchange;
+        let timeout = Duration::from_secs(app.server.http_timeout_secs.max(1));
+        if exchange.conn().block(timeout).is_err() {
+            continue;
+        }
+        if exchange.head().websocket || exchange.conn().port == Port::WebSocket {
+            api::ws::handshake(app, exchange);
+            continue;
+        }
+        // A body may take the timeout plus a second per 64 KiB (a slow but moving upload).
+        let length = exchange.body_length().unwrap_or(app.server.max_body_bytes);
+        let allowance = timeout + Duration::from_secs(length / (64 << 10));
+        exchange.conn_mut().deadline = Some(Instant::now() + allowance);
+        api::dispatch(app, &mut exchange);
+        let keep_alive = exchange.keep_alive();
+        let conn = exchange.into_conn();
+        waker.give_back(if keep_alive {
+            Returned::KeepAlive(conn)
+        } else {
+            Returned::Close(conn)
+        });
+    }
+}
+
 /// A running server.
 pub struct ServerHandle {
-    http: Arc<HttpListener>,
+    waker: Option<Waker>,
     http_addr: SocketAddr,
     websocket_addr: SocketAddr,
     scrape_addr: Option<SocketAddr>,
+    scrape_stop: Arc<AtomicBool>,
     app: Arc<App>,
-    websocket_stop: Arc<AtomicBool>,
-    stop: Option<Sender<()>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -224,15 +266,15 @@ impl ServerHandle {
     }
 
     fn stop_now(&mut self) {
-        let Some(stop) = self.stop.take() else { return };
+        let Some(waker) = self.waker.take() else {
+            return;
+        };
         log::info!("shutting down");
-        self.websocket_stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.websocket_addr);
+        waker.stop();
+        self.scrape_stop.store(true, Ordering::SeqCst);
         if let Some(address) = self.scrape_addr {
             let _ = TcpStream::connect(address);
         }
-        drop(stop);
-        self.http.stop();
         self.app.manager.shutdown();
         for thread in self.threads.drain(..) {
             let _ = thread.join();

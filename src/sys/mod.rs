@@ -58,10 +58,9 @@ const PAGE: usize = 4096;
 /// their own anonymous mapping made with `MAP_NORESERVE`, everything else goes to the system
 /// allocator.
 ///
-/// Why: when a request body is left unread, tiny_http drains it with a buffer as large as the
-/// body's announced `Content-Length`. A client announcing more than the machine's memory would
-/// make that allocation fail, which aborts the process. A `MAP_NORESERVE` mapping only takes
-/// address space, and the drain touches just the pages it reads into.
+/// Why: an allocation sized by a number from outside (an announced length, say) that exceeds
+/// the machine's memory would abort the process; a `MAP_NORESERVE` mapping only takes address
+/// space, and only the pages touched cost memory.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Allocator;
 

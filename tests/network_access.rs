@@ -5,31 +5,7 @@
 mod networld;
 mod support;
 
-use networld::{PRIVATE, PUBLIC, SERVICE_PORT, UPLINK_V4, UPLINK_V6};
-
-/// A bash function per probe kind; each prints `<kind> <target> <port> => <answer or error>`.
-const PROBES: &str = r#"
-t() { r=$(timeout 5 bash -c "exec 3<>/dev/tcp/$1/$2 && head -n1 <&3" 2>&1); echo "T $1 $2 => ${r:-EMPTY}"; }
-u() { r=$(timeout 3 bash -c "exec 3<>/dev/udp/$1/$2 && printf x >&3 && dd bs=512 count=1 status=none <&3" 2>&1); echo "U $1 $2 => ${r:-EMPTY}"; }
-"#;
-
-/// The answers of a probe script: (kind, target, port) → answer.
-fn answers(output: &str) -> Vec<(String, String)> {
-    output
-        .lines()
-        .filter_map(|line| line.split_once(" => "))
-        .map(|(probe, answer)| (probe.trim().to_owned(), answer.trim().to_owned()))
-        .collect()
-}
-
-/// The service's answer `<its address> <peer>`, if the probe reached one.
-fn reached(answer: &str) -> Option<(String, String)> {
-    let mut words = answer.split_whitespace();
-    let (local, peer) = (words.next()?, words.next()?);
-    local.parse::<std::net::IpAddr>().ok()?;
-    peer.parse::<std::net::IpAddr>().ok()?;
-    Some((local.to_owned(), peer.to_owned()))
-}
+use networld::{PRIVATE, PROBES, PUBLIC, SERVICE_PORT, UPLINK_V4, UPLINK_V6, answers, reached};
 
 #[test]
 fn public_targets_work_masqueraded_and_everything_else_is_closed() {

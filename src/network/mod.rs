@@ -267,6 +267,8 @@ fn remove_leftovers(netlink: &mut Netlink) {
         if link.name.starts_with(INTERFACE_PREFIX) {
             match netlink.delete_link(&link.name) {
                 Ok(()) => log::info!("network: removed leftover interface {}", link.name),
+                // The peer of one removed before.
+                Err(err) if err.raw_os_error() == Some(libc::ENODEV) => {}
                 Err(err) => log::warn!("network: cannot remove {}: {err}", link.name),
             }
         }

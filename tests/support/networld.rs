@@ -7,7 +7,8 @@
 //!   and UDP 127.0.0.1:7005, 198.51.100.2:7006.
 //! - "world": fake public hosts (203.0.113.10, 203.0.113.53, 2001:db8:99::10) and fake private
 //!   ones (10.1.2.3, 172.20.0.5, 192.168.1.5, 100.64.0.5, 169.254.169.254, fd12:3456::5), each
-//!   with a TCP and UDP service on port 7000 answering `<its address> <the peer's address>`.
+//!   with a TCP and UDP service on port 7000 answering `<its address> <the peer's address>`;
+//!   203.0.113.10:7007 keeps connections open.
 //!
 //! Namespaces are held by descriptors only (never named under /run/netns): they vanish with the
 //! test process, also when it fails. Tests skip (with a message) without root, `ip` or `nft`.
@@ -46,6 +47,32 @@ pub const UPLINK_V4: &str = "198.51.100.2";
 pub const UPLINK_V6: &str = "2001:db8:1::2";
 /// Port of the world's services.
 pub const SERVICE_PORT: u16 = 7000;
+/// Port of a service on the first public host that keeps connections open.
+pub const HOLD_PORT: u16 = 7007;
+
+/// A bash function per probe kind; each prints `<kind> <target> <port> => <answer or error>`.
+pub const PROBES: &str = r#"
+t() { r=$(timeout 5 bash -c "exec 3<>/dev/tcp/$1/$2 && head -n1 <&3" 2>&1); echo "T $1 $2 => ${r:-EMPTY}"; }
+u() { r=$(timeout 3 bash -c "exec 3<>/dev/udp/$1/$2 && printf x >&3 && dd bs=512 count=1 status=none <&3" 2>&1); echo "U $1 $2 => ${r:-EMPTY}"; }
+"#;
+
+/// The answers of a probe script: (kind, target, port) → answer.
+pub fn answers(output: &str) -> Vec<(String, String)> {
+    output
+        .lines()
+        .filter_map(|line| line.split_once(" => "))
+        .map(|(probe, answer)| (probe.trim().to_owned(), answer.trim().to_owned()))
+        .collect()
+}
+
+/// The service's answer `<its address> <peer>`, if the probe reached one.
+pub fn reached(answer: &str) -> Option<(String, String)> {
+    let mut words = answer.split_whitespace();
+    let (local, peer) = (words.next()?, words.next()?);
+    local.parse::<std::net::IpAddr>().ok()?;
+    peer.parse::<std::net::IpAddr>().ok()?;
+    Some((local.to_owned(), peer.to_owned()))
+}
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -106,6 +133,18 @@ impl Ns {
                 "{command}: {}",
                 String::from_utf8_lossy(&output.stderr)
             );
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        })
+    }
+
+    /// Runs a bash script inside; returns its stdout whatever its exit status.
+    pub fn bash(&self, script: &str) -> String {
+        let script = script.to_owned();
+        self.run(move || {
+            let output = Command::new("bash")
+                .args(["-c", &script])
+                .output()
+                .expect("bash runs");
             String::from_utf8_lossy(&output.stdout).into_owned()
         })
     }
@@ -210,6 +249,7 @@ pub fn world() -> Option<World> {
     ] {
         serve_tcp(&host, addr.parse().unwrap(), port);
     }
+    serve_hold(&world, PUBLIC[0].parse().unwrap(), HOLD_PORT);
     serve_udp(&host, "127.0.0.1".parse().unwrap(), 7005);
     serve_udp(&host, UPLINK_V4.parse().unwrap(), 7006);
     Some(World {
@@ -240,6 +280,18 @@ fn serve_tcp(ns: &Ns, addr: IpAddr, port: u16) {
     });
 }
 
+/// Keeps each connection open until the client closes it.
+fn serve_hold(ns: &Ns, addr: IpAddr, port: u16) {
+    let listener = ns.run(move || TcpListener::bind((addr, port)).expect("bind tcp"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut &stream, &mut std::io::sink());
+            });
+        }
+    });
+}
+
 /// Answers each datagram with `<local> <peer>`.
 fn serve_udp(ns: &Ns, addr: IpAddr, port: u16) {
     let socket = ns.run(move || UdpSocket::bind((addr, port)).expect("bind udp"));
@@ -256,6 +308,7 @@ fn serve_udp(ns: &Ns, addr: IpAddr, port: u16) {
 pub struct Server {
     child: Option<Child>,
     lines: mpsc::Receiver<String>,
+    seen: std::sync::Mutex<Vec<String>>,
     pub state: PathBuf,
     cgroup: String,
     /// `http://127.0.0.1:7200`, valid inside the host namespace.
@@ -313,6 +366,7 @@ impl Server {
         let server = Server {
             child: Some(child),
             lines,
+            seen: std::sync::Mutex::new(Vec::new()),
             state,
             cgroup,
             base: "http://127.0.0.1:7200".to_owned(),
@@ -321,13 +375,18 @@ impl Server {
         server
     }
 
-    /// Waits for a log line containing `needle`.
+    /// Waits for a log line containing `needle` (also one logged before).
     pub fn wait_for(&self, needle: &str) -> String {
+        let mut seen = self.seen.lock().unwrap();
+        if let Some(line) = seen.iter().find(|line| line.contains(needle)) {
+            return line.clone();
+        }
         loop {
             let line = self
                 .lines
                 .recv_timeout(Duration::from_secs(30))
                 .unwrap_or_else(|_| panic!("no log line with {needle:?}"));
+            seen.push(line.clone());
             if line.contains(needle) {
                 return line;
             }

@@ -11,16 +11,16 @@ run: build ## run the server with its default configuration (add ARGS="--help" f
 	./target/release/poseidon-lite $(ARGS)
 
 # cargo-nextest runs each test in a process of its own, in parallel; without it, cargo test
-# runs the same tests (the sandbox pass: every integration test file but sandbox_* and
-# network_*, which always use the sandbox).
+# runs the same tests (the sandbox pass: every integration test file but sandbox_*,
+# network_* and image_*, which choose their executor themselves).
 NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
-SERVER_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out tests/sandbox_% tests/network_%,$(wildcard tests/*.rs)))
+SERVER_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out tests/sandbox_% tests/network_% tests/image_%,$(wildcard tests/*.rs)))
 
 test: ## run every test: unit, integration (once per executor; sandbox and network tests need root), doc
 ifeq ($(NEXTEST),yes)
 	cargo nextest run --locked --lib --bins --tests --no-fail-fast
 	POSEIDON_TEST_EXECUTOR=sandbox cargo nextest run --locked --tests --no-fail-fast \
-		-E 'kind(test) & not binary(/^(sandbox|network)_/)'
+		-E 'kind(test) & not binary(/^(sandbox|network|image)_/)'
 else
 	@echo "cargo-nextest not found (cargo install --locked cargo-nextest): using cargo test"
 	cargo test --locked --lib --bins --tests --no-fail-fast

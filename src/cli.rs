@@ -16,8 +16,8 @@ use crate::config::{Config, ExecutorKind};
 #[command(version, about, long_about)]
 pub struct Cli {
     /// TOML configuration file (sections `[server]`, `[runner]`, `[sandbox]`, `[network]`,
-    /// `[state]`, `[logger]`, `[metrics]`).
-    #[arg(long, env = "POSEIDON_CONFIG", value_name = "FILE")]
+    /// `[images]`, `[state]`, `[logger]`, `[metrics]`).
+    #[arg(long, env = "POSEIDON_CONFIG", value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
 
     /// server.address: address both listeners bind to [default: 127.0.0.1].
@@ -150,9 +150,79 @@ pub struct Cli {
     #[arg(long, env = "POSEIDON_NETWORK_MTU")]
     pub network_mtu: Option<u32>,
 
-    /// state.dir: directory for environments, claimed runners and workspaces
+    /// images.registry_mirrors: base URL tried first for Docker Hub names, like Docker's
+    /// registry-mirrors (repeatable; comma-separated in the variable) [default: none].
+    #[arg(
+        long = "registry-mirror",
+        value_name = "URL",
+        env = "POSEIDON_IMAGES_REGISTRY_MIRRORS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub registry_mirrors: Vec<String>,
+    /// images.insecure_registries: registry reached over plain HTTP, as HOST[:PORT]
+    /// (repeatable; loopback registries always are) [default: none].
+    #[arg(
+        long = "insecure-registry",
+        value_name = "HOST[:PORT]",
+        env = "POSEIDON_IMAGES_INSECURE_REGISTRIES",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub insecure_registries: Vec<String>,
+    /// images.ca_file: PEM certificates trusted for registries besides the system's roots.
+    #[arg(
+        long = "images-ca-file",
+        env = "POSEIDON_IMAGES_CA_FILE",
+        global = true
+    )]
+    pub images_ca_file: Option<PathBuf>,
+    /// images.auth_file: registry credentials in Docker's config.json format.
+    #[arg(
+        long = "images-auth-file",
+        env = "POSEIDON_IMAGES_AUTH_FILE",
+        global = true
+    )]
+    pub images_auth_file: Option<PathBuf>,
+    /// images.offline: never contact a registry; only stored (imported) images [default: false].
+    #[arg(
+        long = "images-offline",
+        env = "POSEIDON_IMAGES_OFFLINE",
+        global = true
+    )]
+    pub images_offline: Option<bool>,
+    /// images.max_unpacked_bytes: most uncompressed bytes of one image [default: 32 GiB].
+    #[arg(
+        long = "images-max-unpacked-bytes",
+        env = "POSEIDON_IMAGES_MAX_UNPACKED_BYTES",
+        global = true
+    )]
+    pub images_max_unpacked_bytes: Option<u64>,
+    /// images.max_entries: most files (tar entries) of one image [default: 4000000].
+    #[arg(
+        long = "images-max-entries",
+        env = "POSEIDON_IMAGES_MAX_ENTRIES",
+        global = true
+    )]
+    pub images_max_entries: Option<u64>,
+    /// images.max_path_bytes: longest path or link target in a layer [default: 4096].
+    #[arg(
+        long = "images-max-path-bytes",
+        env = "POSEIDON_IMAGES_MAX_PATH_BYTES",
+        global = true
+    )]
+    pub images_max_path_bytes: Option<usize>,
+    /// images.max_header_bytes: largest tar extension header in a layer [default: 1 MiB].
+    #[arg(
+        long = "images-max-header-bytes",
+        env = "POSEIDON_IMAGES_MAX_HEADER_BYTES",
+        global = true
+    )]
+    pub images_max_header_bytes: Option<u64>,
+
+    /// state.dir: directory for environments, claimed runners, workspaces and images
     /// [default: $XDG_STATE_HOME/poseidon-lite or ~/.local/state/poseidon-lite].
-    #[arg(long, env = "POSEIDON_STATE_DIR")]
+    #[arg(long, env = "POSEIDON_STATE_DIR", global = true)]
     pub state_dir: Option<PathBuf>,
     /// state.sync: sync runner records to the disk before a claim is answered (survives a
     /// crash of the machine, costs a disk flush per claim) [default: false].
@@ -165,7 +235,7 @@ pub struct Cli {
     pub metrics_listen: Option<std::net::SocketAddr>,
 
     /// logger.level: error, warn, info, debug (one line per request) or trace [default: info].
-    #[arg(long, env = "POSEIDON_LOGGER_LEVEL")]
+    #[arg(long, env = "POSEIDON_LOGGER_LEVEL", global = true)]
     pub log_level: Option<String>,
 }
 
@@ -243,6 +313,23 @@ impl Cli {
             self.network_forward_connections,
         );
         set(&mut network.mtu, self.network_mtu);
+        let images = &mut config.images;
+        if !self.registry_mirrors.is_empty() {
+            images.registry_mirrors = self.registry_mirrors;
+        }
+        if !self.insecure_registries.is_empty() {
+            images.insecure_registries = self.insecure_registries;
+        }
+        set_some(&mut images.ca_file, self.images_ca_file);
+        set_some(&mut images.auth_file, self.images_auth_file);
+        set(&mut images.offline, self.images_offline);
+        set(
+            &mut images.max_unpacked_bytes,
+            self.images_max_unpacked_bytes,
+        );
+        set(&mut images.max_entries, self.images_max_entries);
+        set(&mut images.max_path_bytes, self.images_max_path_bytes);
+        set(&mut images.max_header_bytes, self.images_max_header_bytes);
         set(&mut config.state.dir, self.state_dir);
         set(&mut config.state.sync, self.state_sync);
         set(&mut config.logger.level, self.log_level);
@@ -283,6 +370,12 @@ mod tests {
             "203.0.113.0/24,2001:db8::/32",
             "--network-dns",
             "203.0.113.53",
+            "--registry-mirror",
+            "http://127.0.0.1:5000",
+            "--registry-mirror",
+            "https://mirror.example",
+            "--insecure-registry",
+            "registry.lan:5000",
         ])
         .unwrap();
         let config = cli.into_config().unwrap();
@@ -300,6 +393,11 @@ mod tests {
             config.sandbox.images["openhpi/co_execenv_python:3.8"],
             "host"
         );
+        assert_eq!(
+            config.images.registry_mirrors,
+            ["http://127.0.0.1:5000", "https://mirror.example"]
+        );
+        assert_eq!(config.images.insecure_registries, ["registry.lan:5000"]);
     }
 
     #[test]

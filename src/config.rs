@@ -22,6 +22,8 @@ pub struct Config {
     pub sandbox: SandboxConfig,
     /// Network access and exposed ports of sandbox runners.
     pub network: NetworkConfig,
+    /// Container images from registries and the image store.
+    pub images: ImagesConfig,
     /// Persistent state.
     pub state: StateConfig,
     /// Logging.
@@ -266,6 +268,69 @@ impl Default for NetworkConfig {
     }
 }
 
+/// `[images]`: container images pulled from registries (or imported) into the image store
+/// under the state directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImagesConfig {
+    /// Base URLs tried first for Docker Hub names, like Docker's `registry-mirrors`.
+    pub registry_mirrors: Vec<String>,
+    /// Registries (`host[:port]`) reached over plain HTTP (loopback ones always are).
+    pub insecure_registries: Vec<String>,
+    /// PEM file of certificates trusted besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Registry credentials in Docker's `config.json` format.
+    pub auth_file: Option<PathBuf>,
+    /// Never contact a registry: environments can use stored (imported) images only.
+    pub offline: bool,
+    /// Most uncompressed bytes of one image's layers.
+    pub max_unpacked_bytes: u64,
+    /// Most tar entries of one image's layers.
+    pub max_entries: u64,
+    /// Longest path or link target in a layer, in bytes.
+    pub max_path_bytes: usize,
+    /// Largest tar extension header (PAX, GNU long names) in a layer, in bytes.
+    pub max_header_bytes: u64,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        let limits = crate::image::Limits::default();
+        ImagesConfig {
+            registry_mirrors: Vec::new(),
+            insecure_registries: Vec::new(),
+            ca_file: None,
+            auth_file: None,
+            offline: false,
+            max_unpacked_bytes: limits.max_unpacked_bytes,
+            max_entries: limits.max_entries,
+            max_path_bytes: limits.max_path,
+            max_header_bytes: limits.max_header,
+        }
+    }
+}
+
+impl ImagesConfig {
+    /// What the image store and registry client take.
+    pub fn settings(&self) -> crate::image::service::ImagesSettings {
+        crate::image::service::ImagesSettings {
+            registry: crate::image::registry::RegistryConfig {
+                mirrors: self.registry_mirrors.clone(),
+                insecure: self.insecure_registries.clone(),
+                ca_file: self.ca_file.clone(),
+                auth_file: self.auth_file.clone(),
+            },
+            limits: crate::image::Limits {
+                max_unpacked_bytes: self.max_unpacked_bytes,
+                max_entries: self.max_entries,
+                max_path: self.max_path_bytes,
+                max_header: self.max_header_bytes,
+            },
+            offline: self.offline,
+        }
+    }
+}
+
 /// `[state]`: persistent state.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -329,9 +394,10 @@ impl Config {
     }
 
     /// A configuration for tests and embedding: ephemeral ports on loopback, the given state
-    /// directory, the process executor.
+    /// directory, the process executor, no registry access (`images.offline`).
     pub fn ephemeral(state_dir: impl Into<PathBuf>) -> Config {
         let mut config = Config::default();
+        config.images.offline = true;
         config.server.port = 0;
         config.server.websocket_port = Some(0);
         config.state.dir = state_dir.into();

@@ -42,6 +42,8 @@ pub enum Error {
     Image(String),
     /// A container registry cannot be reached or fails (502).
     Registry(String),
+    /// The environment's image is still being pulled (500, `NOMAD_OVERLOAD`: try again).
+    ImagePending(String),
     /// An I/O error of the server itself (500).
     Io(io::Error),
     /// Any other internal failure, with a description (500).
@@ -80,16 +82,18 @@ impl Error {
             Error::PayloadTooLarge(_) => 413,
             Error::FileNotFound(_) => 424,
             Error::Registry(_) => 502,
-            Error::NoRunnerAvailable | Error::FileCopy(_) | Error::Io(_) | Error::Internal(_) => {
-                500
-            }
+            Error::NoRunnerAvailable
+            | Error::ImagePending(_)
+            | Error::FileCopy(_)
+            | Error::Io(_)
+            | Error::Internal(_) => 500,
         }
     }
 
     /// The Poseidon `errorCode` for 5xx errors; client errors carry none.
     pub fn code(&self) -> Option<&'static str> {
         match self {
-            Error::NoRunnerAvailable => Some("NOMAD_OVERLOAD"),
+            Error::NoRunnerAvailable | Error::ImagePending(_) => Some("NOMAD_OVERLOAD"),
             Error::FileCopy(_) | Error::Io(_) | Error::Internal(_) | Error::Registry(_) => {
                 Some("UNKNOWN")
             }
@@ -133,6 +137,7 @@ impl fmt::Display for Error {
             Error::FileCopy(detail) => write!(f, "file copy failed: {detail}"),
             Error::UnknownImage(image) => write!(f, "unknown image {image:?}"),
             Error::Image(message) | Error::Registry(message) => f.write_str(message),
+            Error::ImagePending(image) => write!(f, "image {image} is still being pulled"),
             Error::Io(err) => write!(f, "i/o error: {err}"),
             Error::Internal(message) => f.write_str(message),
         }

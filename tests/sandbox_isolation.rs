@@ -153,10 +153,10 @@ fn unknown_images_are_refused() {
         return;
     };
     assert!(matches!(
-        test.executor.check_image("nope:latest"),
+        test.executor.check_image(EnvironmentId(1), "nope:latest"),
         Err(Error::UnknownImage(_))
     ));
-    assert!(test.executor.check_image("host").is_ok());
+    assert!(test.executor.check_image(EnvironmentId(1), "host").is_ok());
     let spec = RunnerSpec {
         environment: EnvironmentId(1),
         image: "nope".into(),
@@ -246,7 +246,7 @@ fn directory_images_are_idmapped_and_their_layer_is_private() {
     fs::create_dir_all(&image).unwrap();
     build_image(&image);
     test.executor
-        .check_image("openhpi/co_execenv_test:1")
+        .check_image(EnvironmentId(1), "openhpi/co_execenv_test:1")
         .unwrap();
     let one = test.runner_with(|spec| spec.image = "openhpi/co_execenv_test:1".into());
     let two = test.runner_with(|spec| spec.image = "test-image".into());

@@ -184,8 +184,14 @@ pub trait Runner: Send + Sync + fmt::Debug {
 pub trait Executor: Send + Sync + fmt::Debug {
     /// The executor's name as configured (`process`, `sandbox`).
     fn name(&self) -> &'static str;
-    /// Checks that `image` can be used; [`crate::Error::UnknownImage`] otherwise.
-    fn check_image(&self, image: &str) -> Result<()>;
+    /// Checks that `image` can be used by `environment` (for a registry image: resolves it and
+    /// starts pulling it); [`crate::Error::UnknownImage`] otherwise.
+    fn check_image(&self, environment: crate::id::EnvironmentId, image: &str) -> Result<()>;
+    /// Whether a runner of `spec` can be created without waiting for its image (prewarming
+    /// skips the environment meanwhile); an error if the image cannot be had.
+    fn image_ready(&self, _spec: &RunnerSpec) -> Result<bool> {
+        Ok(true)
+    }
     /// Checks that runners of an environment with `networkAccess` can get it here; a
     /// [`crate::Error::BadRequest`] naming what is missing otherwise.
     fn check_network(&self) -> Result<()> {

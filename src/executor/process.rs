@@ -66,7 +66,7 @@ impl Executor for ProcessExecutor {
         "process"
     }
 
-    fn check_image(&self, _image: &str) -> Result<()> {
+    fn check_image(&self, _environment: crate::id::EnvironmentId, _image: &str) -> Result<()> {
         // Images mean nothing without isolation: every runner sees the host.
         Ok(())
     }

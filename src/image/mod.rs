@@ -9,6 +9,7 @@ pub mod passwd;
 pub mod pull;
 pub mod reference;
 pub mod registry;
+pub mod service;
 pub mod store;
 pub mod stream;
 pub mod unpack;

@@ -64,6 +64,17 @@ pub struct RefEntry {
     pub manifest: Digest,
 }
 
+/// The image an environment runs on, kept across restarts (`environments.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    /// The full image name the environment gave.
+    pub name: String,
+    /// The image id.
+    pub image: Digest,
+    /// The manifest digest.
+    pub manifest: Digest,
+}
+
 /// A layer download or unpack step, for progress display.
 #[derive(Debug, Clone)]
 pub struct Progress {
@@ -196,6 +207,30 @@ impl Store {
             }
         }
         Ok(Some(entry))
+    }
+
+    /// The images environments run on, by environment id.
+    pub fn pins(&self) -> Result<BTreeMap<u64, Pin>> {
+        match fs::read(self.dir.join("environments.json")) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| Error::internal("environments.json", e))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records the image environment `environment` runs on.
+    pub fn pin(&self, environment: u64, pin: Pin) -> Result<()> {
+        let _lock = self.lock()?;
+        let mut pins = self.pins()?;
+        if pins.get(&environment) == Some(&pin) {
+            return Ok(());
+        }
+        pins.insert(environment, pin);
+        let bytes = serde_json::to_vec_pretty(&pins)
+            .map_err(|e| Error::internal("environments.json", e))?;
+        write_atomically(&self.dir.join("environments.json"), &bytes)
     }
 
     fn write_refs(&self, refs: &BTreeMap<String, RefEntry>) -> Result<()> {

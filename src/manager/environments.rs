@@ -14,7 +14,7 @@ impl Manager {
     /// Creates or replaces an environment; `true` if it is new. The file is written (and
     /// synced) first: a definition that cannot be saved answers an error and changes nothing.
     pub fn put_environment(&self, id: EnvironmentId, environment: Environment) -> Result<bool> {
-        self.executor.check_image(&environment.image)?;
+        self.executor.check_image(id, &environment.image)?;
         if environment.network_access {
             self.executor.check_network()?;
         }

@@ -15,13 +15,16 @@ use super::{
     state::{Effects, Job},
 };
 use crate::{
-    error::Result,
+    error::{Error, Result},
     executor::{Runner, RunnerSpec},
     id::RunnerId,
 };
 
 /// Longest pause between two failed creations for one environment.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Back-off steps while an image is being pulled: at most 50 ms << 4 = 0.8 s, so the pool fills
+/// soon after the image is ready.
+const MAX_PENDING_FAILURES: u32 = 4;
 
 /// Starts `count` prewarm threads; they end when `stop` or `jobs` is disconnected or the
 /// manager is gone. They hold the manager weakly: it owns them, not they it.
@@ -65,12 +68,19 @@ fn work(manager: &Weak<Manager>, jobs: &Receiver<Job>, stop: &Receiver<()>) {
             }
         }
         let id = RunnerId::new(job.environment);
-        let started = Instant::now();
-        let created = manager
-            .executor()
-            .create(&id, &spec)
-            .map(|runner| (id, runner));
-        manager.metrics.prewarm(started.elapsed(), created.is_ok());
+        // A runner of an image still being pulled would only wait: the job fails quietly and
+        // is retried with the back-off, so these threads stay free for other environments.
+        let created = match manager.executor().image_ready(&spec) {
+            Ok(true) => {
+                let started = Instant::now();
+                let created = manager.executor().create(&id, &spec);
+                manager.metrics.prewarm(started.elapsed(), created.is_ok());
+                created
+            }
+            Ok(false) => Err(Error::ImagePending(spec.image.clone())),
+            Err(err) => Err(err),
+        }
+        .map(|runner| (id, runner));
         manager.prewarmed(&job, created);
     }
 }
@@ -94,6 +104,11 @@ impl Manager {
                     } else {
                         effects.destroy.push(runner);
                     }
+                }
+                (Some(env), Err(Error::ImagePending(image))) => {
+                    env.creating -= 1;
+                    env.failures = env.failures.saturating_add(1).min(MAX_PENDING_FAILURES);
+                    log::debug!("environment {}: image {image} not ready", job.environment);
                 }
                 (Some(env), Err(err)) => {
                     env.creating -= 1;

@@ -26,3 +26,23 @@ pub fn agent() -> ureq::Agent {
         .build()
         .into()
 }
+
+/// Moves this test (its thread, and the threads and children it starts) into a network
+/// namespace of its own with only loopback, so that no image name can ever reach a real
+/// registry. Nextest runs each test in its own process. `false` (skip) when not root.
+pub fn isolate_network() -> bool {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: needs root (a network namespace of its own)");
+        return false;
+    }
+    // SAFETY: only the network namespace changes; the hazards of unshare (CLONE_FILES,
+    // CLONE_FS changing what other threads' descriptors or paths mean) do not apply.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNET) }
+        .expect("unshare(CLONE_NEWNET)");
+    let status = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .expect("ip (iproute2) must be installed");
+    assert!(status.success());
+    true
+}

@@ -1,6 +1,7 @@
-//! A bearer-token front for a real registry, as Docker Hub answers: requests without the token
-//! get `401` with `WWW-Authenticate: Bearer realm=…/token,service=…,scope=…`; `/token` hands the
-//! token out to the right basic-auth credentials; everything else is forwarded to the registry.
+//! A front for a real registry. With authentication, as Docker Hub answers: requests without
+//! the token get `401` with `WWW-Authenticate: Bearer realm=…/token,service=…,scope=…`;
+//! `/token` hands the token out to the right basic-auth credentials. Everything else is
+//! forwarded to the registry; blob downloads can be held until the test opens a gate.
 
 use std::{
     io::Read,
@@ -29,11 +30,28 @@ pub struct TokenFront {
     pub tokens: Arc<AtomicU32>,
     /// Requests refused for a missing token.
     pub challenges: Arc<AtomicU32>,
+    gate: Option<crossbeam_channel::Sender<()>>,
 }
 
 impl TokenFront {
     /// Starts a front for the registry at `upstream` (`http://127.0.0.1:<port>`).
     pub fn start(upstream: String) -> TokenFront {
+        Self::with(upstream, true, Vec::new())
+    }
+
+    /// A front without authentication whose downloads of the `held` blobs wait until
+    /// [`TokenFront::open`].
+    pub fn gated(upstream: String, held: Vec<String>) -> TokenFront {
+        Self::with(upstream, false, held)
+    }
+
+    /// Lets held and later blob downloads through.
+    pub fn open(&mut self) {
+        self.gate = None;
+    }
+
+    fn with(upstream: String, auth: bool, held: Vec<String>) -> TokenFront {
+        let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
         let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
         let host = server.server_addr().to_ip().unwrap().to_string();
         let tokens = Arc::new(AtomicU32::new(0));
@@ -47,7 +65,19 @@ impl TokenFront {
             );
             thread::spawn(move || {
                 for request in server.incoming_requests() {
-                    serve(request, &upstream, &host, &tokens, &challenges);
+                    let (upstream, host) = (upstream.clone(), host.clone());
+                    let (tokens, challenges) = (tokens.clone(), challenges.clone());
+                    let gate = gate_rx.clone();
+                    let hold = held
+                        .iter()
+                        .any(|digest| request.url().ends_with(digest.as_str()));
+                    thread::spawn(move || {
+                        if hold {
+                            // Disconnection (the test opened the gate or ended) lets it through.
+                            let _ = gate.recv_timeout(super::TIMEOUT);
+                        }
+                        serve(request, auth, &upstream, &host, &tokens, &challenges)
+                    });
                 }
             })
         };
@@ -57,6 +87,7 @@ impl TokenFront {
             host,
             tokens,
             challenges,
+            gate: Some(gate),
         }
     }
 }
@@ -71,13 +102,14 @@ fn header<'a>(request: &'a tiny_http::Request, name: &'static str) -> Option<&'a
 
 fn serve(
     request: tiny_http::Request,
+    auth: bool,
     upstream: &str,
     host: &str,
     tokens: &AtomicU32,
     challenges: &AtomicU32,
 ) {
     let url = request.url().to_owned();
-    if url.starts_with("/token") {
+    if auth && url.starts_with("/token") {
         let expected = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
@@ -98,7 +130,7 @@ fn serve(
             .ok();
         return;
     }
-    if header(&request, "Authorization") != Some(&format!("Bearer {TOKEN}")) {
+    if auth && header(&request, "Authorization") != Some(&format!("Bearer {TOKEN}")) {
         challenges.fetch_add(1, Ordering::SeqCst);
         let challenge = format!(
             r#"Bearer realm="http://{host}/token",service="test-registry",scope="repository:x:pull""#
@@ -139,6 +171,7 @@ fn serve(
 
 impl Drop for TokenFront {
     fn drop(&mut self) {
+        self.gate = None;
         self.server.unblock();
         if let Some(thread) = self.thread.take() {
             thread.join().ok();

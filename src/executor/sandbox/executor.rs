@@ -16,6 +16,7 @@ use crate::{
     executor::{Command, Executor, Outcome, Runner, RunnerSpec},
     id::{EnvironmentId, RunnerId},
     network::Network,
+    image::service::Images,
 };
 
 /// How long the start-up self-test may take to run `true`.
@@ -43,6 +44,9 @@ pub(super) struct Shared {
     /// `<state dir>/sandbox`: one (empty) directory per runner.
     pub dir: PathBuf,
     pub cgroups: Cgroups,
+    /// Registry images (`None` if the image store cannot be used; then only directory and
+    /// host images work).
+    pub images: Option<Arc<Images>>,
     slots: Mutex<Slots>,
     /// Network access and exposed ports.
     pub network: Arc<Network>,
@@ -89,11 +93,14 @@ impl SandboxExecutor {
             next: 0,
             count,
         });
+        let images = Images::open(&config.state.dir, &config.images.settings())
+            .map_err(|err| Error::Internal(format!("image store: {err}")))?;
         let shared = Shared {
             config: sandbox.clone(),
             agent,
             dir,
             cgroups,
+            images: Some(images),
             slots,
             network,
         };
@@ -229,6 +236,15 @@ fn check_host() -> Result<(), String> {
 }
 
 impl Shared {
+    /// Resolves image names with the configuration and the image store.
+    pub fn resolver(&self) -> image::Resolver<'_> {
+        image::Resolver {
+            aliases: &self.config.images,
+            images_dir: self.config.images_dir.as_deref(),
+            images: self.images.as_ref(),
+        }
+    }
+
     /// Takes a free uid range.
     pub fn take_slot(&self) -> Result<u32> {
         let mut slots = self.slots.lock().unwrap();
@@ -253,9 +269,12 @@ impl Executor for SandboxExecutor {
         "sandbox"
     }
 
-    fn check_image(&self, image: &str) -> Result<()> {
-        let config = &self.shared.config;
-        image::resolve(image, &config.images, config.images_dir.as_deref()).map(|_| ())
+    fn check_image(&self, environment: EnvironmentId, image: &str) -> Result<()> {
+        self.shared.resolver().check(environment, image)
+    }
+
+    fn image_ready(&self, spec: &RunnerSpec) -> Result<bool> {
+        self.shared.resolver().ready(spec.environment, &spec.image)
     }
 
     fn check_network(&self) -> Result<()> {

@@ -45,6 +45,9 @@ pub struct Setup {
     /// Content of the runner's `/etc/resolv.conf` (networked runners only).
     #[serde(default)]
     pub resolv_conf: Option<String>,
+    /// The image's `Env` (`NAME=value`), in every command's environment.
+    #[serde(default)]
+    pub env: Vec<String>,
 }
 
 /// The lower layer of a runner's root file system.

@@ -68,7 +68,9 @@ impl SandboxRunner {
     /// Builds a runner: uid range, directory, cgroup, then the agent; undone on failure.
     pub(super) fn start(shared: &Arc<Shared>, id: &RunnerId, spec: &RunnerSpec) -> Result<Self> {
         let config = &shared.config;
-        let image = image::resolve(&spec.image, &config.images, config.images_dir.as_deref())?;
+        let lower = shared
+            .resolver()
+            .lower(spec.environment, &spec.image, image::PULL_WAIT)?;
         if spec.network_access {
             shared.network.check()?;
         }
@@ -102,10 +104,11 @@ impl SandboxRunner {
             hostname: id.as_str().to_owned(),
             uid_base: config.uid_base + runner.slot * IDS_PER_RUNNER,
             cgroup_procs: group.procs_files(),
-            image,
+            image: lower.source,
             runner_dir: runner.dir.clone(),
             disk_limit_mb: config.disk_limit_mb,
             resolv_conf: spec.network_access.then(|| shared.network.resolv_conf()),
+            env: lower.env,
         };
         runner.launch(&setup)?;
         if spec.network_access {

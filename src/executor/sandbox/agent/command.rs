@@ -41,7 +41,7 @@ impl Launch {
         let argv = |shell: &str| -> io::Result<Vec<CString>> {
             [shell, "-c", command].into_iter().map(cstring).collect()
         };
-        let env = environment_of(home, name, environment);
+        let env = environment_of(home, name, &context.image_env, environment);
         Ok(Launch {
             uid,
             gid,
@@ -93,22 +93,28 @@ impl Launch {
     }
 }
 
-/// The command's environment: a fixed base, then the request's variables (which override it);
-/// nothing of the server's environment.
-fn environment_of(home: &str, name: &str, extra: &[(String, String)]) -> Vec<CString> {
-    let mut vars: Vec<(String, String)> = [
-        ("HOME", home),
-        ("USER", name),
-        ("LOGNAME", name),
+/// The command's environment: a fixed base, the image's `Env` (as `docker exec` inherits it),
+/// the user's identity, then the request's variables (which override all of it); nothing of the
+/// server's environment.
+fn environment_of(
+    home: &str,
+    name: &str,
+    image: &[(String, String)],
+    extra: &[(String, String)],
+) -> Vec<CString> {
+    let pairs = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+        list.iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect()
+    };
+    let mut vars = pairs(&[
         ("PATH", executor::PATH),
         ("LANG", "C.UTF-8"),
         ("TERM", "xterm"),
         ("CODEOCEAN", "true"),
-    ]
-    .into_iter()
-    .map(|(name, value)| (name.to_owned(), value.to_owned()))
-    .collect();
-    for (name, value) in extra {
+    ]);
+    let identity = pairs(&[("HOME", home), ("USER", name), ("LOGNAME", name)]);
+    for (name, value) in image.iter().chain(&identity).chain(extra) {
         vars.retain(|(existing, _)| existing != name);
         vars.push((name.clone(), value.clone()));
     }
@@ -131,11 +137,20 @@ mod tests {
             ("LANG".to_owned(), "de_DE.UTF-8".to_owned()),
             ("X".to_owned(), "1".to_owned()),
         ];
-        let env: Vec<String> = environment_of("/home/user", "user", &extra)
+        let image = [
+            ("TERM".to_owned(), "ansi".to_owned()),
+            ("X".to_owned(), "image".to_owned()),
+        ];
+        let env: Vec<String> = environment_of("/home/user", "user", &image, &extra)
             .into_iter()
             .map(|var| var.into_string().unwrap())
             .collect();
         assert!(env.contains(&"LANG=de_DE.UTF-8".to_owned()) && env.contains(&"X=1".to_owned()));
+        assert!(
+            env.contains(&"TERM=ansi".to_owned()),
+            "the image's Env beats the base"
+        );
+        assert_eq!(env.iter().filter(|var| var.starts_with("X=")).count(), 1);
         assert!(env.contains(&"CODEOCEAN=true".to_owned()));
         assert_eq!(env.iter().filter(|var| var.starts_with("LANG=")).count(), 1);
     }

@@ -42,6 +42,8 @@ pub(super) const FILES: &[u8] = b"files";
 struct Context {
     /// The unprivileged user of the image.
     user: rootfs::User,
+    /// The image's `Env`, as name and value.
+    image_env: Vec<(String, String)>,
     /// The seccomp program for commands.
     filter: Vec<libc::sock_filter>,
 }
@@ -191,8 +193,16 @@ fn prepare(setup: &Setup, userns: OwnedFd) -> Result<Context, String> {
     rootfs::become_user(0, 0).map_err(|err| format!("cannot become root inside: {err}"))?;
     // Changing ids cleared the parent death signal.
     let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    let image_env = setup
+        .env
+        .iter()
+        .filter_map(|var| var.split_once('='))
+        .filter(|(name, _)| !name.is_empty())
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect();
     Ok(Context {
         user,
+        image_env,
         filter: seccomp::program(),
     })
 }

@@ -5,6 +5,9 @@
 //! not, so host files stay owned by an unmapped uid and e.g. `/etc/shadow` stays unreadable);
 //! then `/workspace`, `/tmp`, the user's home, a `/proc` and a minimal read-only `/dev`, and
 //! pivot_root, after which nothing of the host is reachable. Paths are relative to the tmpfs.
+//! Whatever is read or created inside the image (its `/etc/passwd`, the home, `/workspace`,
+//! the mount points) is resolved in-root: an image's symlinks (`/home -> /root-of-host`) can
+//! only ever point into the image.
 
 use std::{
     fs, io,
@@ -22,6 +25,10 @@ use rustix::{
 };
 
 use crate::executor::sandbox::protocol::{ImageSource, Setup};
+use crate::image::{
+    inroot::{InPath, Root, kind_at, remove_all},
+    passwd,
+};
 use crate::sys::sandbox as sys;
 
 /// Host directories the `host` image shows (as overlays, or as symlinks where the host has
@@ -38,8 +45,6 @@ const DEVICES: &[(&str, u32, u32)] = &[
     ("urandom", 1, 9),
     ("tty", 5, 0),
 ];
-/// Largest `/etc/passwd` read.
-const MAX_PASSWD: usize = 1 << 20;
 
 /// The image's unprivileged user, ids as seen inside.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,12 +91,14 @@ pub(super) fn build(setup: &Setup, userns: BorrowedFd<'_>) -> io::Result<User> {
     if let Some(text) = &setup.resolv_conf {
         write_resolv_conf(text, base)?;
     }
-    let user = read_user();
-    let own = |uid: u32, gid: u32| Some((base + uid, base + gid));
-    make_dir("root/tmp", 0o1777, own(0, 0))?;
-    make_dir("root/workspace", 0o1777, own(0, 0))?;
-    make_home(&user, base)?;
-    make_dir("root/proc", 0o555, None)?;
+    let image = Root::open(Path::new("root"))?;
+    let user = read_user(&image);
+    make_dir_in(&image, "tmp", 0o1777, (base, base))?;
+    make_dir_in(&image, "workspace", 0o1777, (base, base))?;
+    // Best effort: an image whose home path leads nowhere (a dangling symlink) still runs.
+    let _ = make_home(&image, &user, base);
+    mount_point(&image, "proc", 0o555)?;
+    mount_point(&image, "dev", 0o755)?;
     let proc_flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
     rustix::mount::mount("proc", "root/proc", "proc", proc_flags, None)?;
     build_dev(setup.disk_limit_mb)?;
@@ -244,15 +251,11 @@ fn pivot(new_root: &str) -> io::Result<()> {
     std::env::set_current_dir("/")
 }
 
-/// The image's `user` from `root/etc/passwd`, or the fallback.
-fn read_user() -> User {
-    let Ok(text) = fs::read("root/etc/passwd") else {
-        return User::fallback();
-    };
-    let text = String::from_utf8_lossy(&text[..text.len().min(MAX_PASSWD)]);
-    crate::executor::fsview::parse_passwd(&text)
-        .find(|entry| entry.name == "user")
-        .filter(|entry| entry.uid < 65536 && entry.gid < 65536)
+/// The image's `user` from its own `/etc/passwd` (read in-root, a regular file only), or the
+/// fallback. Never uid 0: unprivileged commands must not run as root inside.
+fn read_user(image: &Root) -> User {
+    passwd::lookup(image, passwd::RUNNER_USER)
+        .filter(|entry| entry.uid != 0 && entry.uid < 65536 && entry.gid < 65536)
         .map(|entry| User {
             uid: entry.uid,
             gid: entry.gid,
@@ -262,25 +265,55 @@ fn read_user() -> User {
 }
 
 /// Creates the user's home (owned by the user, parents by root inside) unless it exists.
-fn make_home(user: &User, base: u32) -> io::Result<()> {
-    let parts: Vec<&str> = user
-        .home
-        .split('/')
-        .filter(|part| !part.is_empty())
-        .collect();
-    if parts.is_empty() || parts.contains(&"..") {
+fn make_home(image: &Root, user: &User, base: u32) -> io::Result<()> {
+    let Ok(home) = InPath::parse(user.home.as_bytes(), 4096) else {
         return Ok(());
-    }
-    let mut path = String::from("root");
-    for (index, part) in parts.iter().enumerate() {
-        path.push('/');
-        path.push_str(part);
-        let (owner_uid, owner_gid) = if index + 1 == parts.len() {
-            (user.uid, user.gid)
-        } else {
-            (0, 0)
+    };
+    let prefixes: Vec<InPath> = home.prefixes().collect();
+    for (index, path) in prefixes.iter().enumerate() {
+        let owner = match index + 1 == prefixes.len() {
+            true => (base + user.uid, base + user.gid),
+            false => (base, base),
         };
-        make_dir(&path, 0o755, Some((base + owner_uid, base + owner_gid)))?;
+        make_dir_at(image, path, 0o755, owner)?;
+    }
+    Ok(())
+}
+
+/// Creates the directory `name` of the image root unless something is there.
+fn make_dir_in(image: &Root, name: &str, mode: u32, owner: (u32, u32)) -> io::Result<()> {
+    make_dir_at(image, &InPath::parse(name.as_bytes(), 4096)?, mode, owner)
+}
+
+/// Creates `path` in its in-root resolved parent with exactly `mode` and `owner` (host ids)
+/// unless something exists there (an image's own symlink is left alone: it resolves inside).
+fn make_dir_at(image: &Root, path: &InPath, mode: u32, owner: (u32, u32)) -> io::Result<()> {
+    let Some((parent, name)) = path.split_last() else {
+        return Ok(());
+    };
+    let dir = image.dir(&parent)?;
+    match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(mode)) {
+        Err(rustix::io::Errno::EXIST) => return Ok(()),
+        other => other?,
+    }
+    let flags = rustix::fs::OFlags::RDONLY
+        | rustix::fs::OFlags::DIRECTORY
+        | rustix::fs::OFlags::NOFOLLOW
+        | rustix::fs::OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(&dir, name, flags, Mode::empty())?;
+    rustix::fs::fchown(&fd, Some(uid(owner.0)), Some(gid(owner.1)))?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
+    Ok(())
+}
+
+/// Makes `name` in the image root a plain directory to mount on: an image's symlink or file
+/// there (e.g. `/dev -> /somewhere`) is replaced in the writable layer, so the mount cannot
+/// be misdirected.
+fn mount_point(image: &Root, name: &str, mode: u32) -> io::Result<()> {
+    let name = std::ffi::OsStr::new(name);
+    if kind_at(image.fd(), name)? != Some(FileType::Directory) {
+        remove_all(image.fd(), name)?;
+        rustix::fs::mkdirat(image.fd(), name, Mode::from_raw_mode(mode))?;
     }
     Ok(())
 }

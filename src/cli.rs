@@ -160,7 +160,7 @@ pub struct Cli {
         global = true
     )]
     pub registry_mirrors: Vec<String>,
-    /// images.insecure_registries: registry reached over plain HTTP, as HOST[:PORT]
+    /// images.insecure_registries: registry reached over plain HTTP, as `HOST[:PORT]`
     /// (repeatable; loopback registries always are) [default: none].
     #[arg(
         long = "insecure-registry",

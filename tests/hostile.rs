@@ -151,3 +151,83 @@ fn a_websocket_client_that_trickles_its_handshake_is_cut_off() {
     assert!(closed.is_ok(), "the server kept the connection: {closed:?}");
     assert!(!String::from_utf8_lossy(&received).contains(" 101 "));
 }
+
+/// Whether a process whose command line contains `marker` runs on this host (runners'
+/// processes included: the sandbox's are host processes too).
+fn process_running(marker: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        std::fs::read(entry.path().join("cmdline"))
+            .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(marker))
+    })
+}
+
+#[test]
+fn the_time_limit_ends_the_program_while_the_client_does_not_read() {
+    // Writes to the client could wait ten minutes; the time limit is one second.
+    let server = TestServer::start_with(|config| config.server.websocket_timeout_secs = 600);
+    let runner = server.ready_runner();
+    let marker = format!("unread-limit-{}", std::process::id());
+    let url = server.execute(&runner, &format!("exec -a {marker} yes"), 1);
+    let ws = server.connect(&url);
+    support::eventually("the program runs", || process_running(&marker));
+    support::eventually("the program ends at its time limit", || {
+        !process_running(&marker)
+    });
+    // The client reads again: the output written so far, then `timeout`.
+    let transcript = ws.transcript();
+    assert_eq!(transcript.end, serde_json::json!({"type": "timeout"}));
+}
+
+#[test]
+fn a_close_is_seen_while_the_program_does_not_read_its_input() {
+    let server = TestServer::start_with(|config| config.server.websocket_timeout_secs = 600);
+    let runner = server.ready_runner();
+    let marker = format!("unread-input-{}", std::process::id());
+    let command = format!("stty raw -echo; echo ready; exec -a {marker} sleep 600");
+    let url = server.execute(&runner, &command, 600);
+    let mut ws = server.connect(&url);
+    ws.wait_for_stdout("ready");
+    support::eventually("the program runs", || process_running(&marker));
+    // Far more than a terminal and a pipe hold; the sends must not block.
+    let chunk = "x".repeat(60_000);
+    for _ in 0..50 {
+        ws.send(&chunk);
+    }
+    ws.socket.close(None).expect("close");
+    let _ = ws.socket.flush();
+    drop(ws);
+    support::eventually("the close ends the program", || !process_running(&marker));
+}
+
+#[test]
+fn an_oversized_message_is_explained_and_closed_with_1009() {
+    use tungstenite::{Message, protocol::frame::coding::CloseCode};
+    let server = TestServer::start_with(|config| config.server.max_message_bytes = 1024);
+    let runner = server.ready_runner();
+    let url = server.execute(&runner, "cat", 30);
+    let mut ws = server.connect(&url);
+    ws.socket
+        .send(Message::text("x".repeat(4096)))
+        .expect("send");
+    let mut messages = Vec::new();
+    let close = loop {
+        match ws.socket.read() {
+            Ok(Message::Text(text)) => {
+                messages.push(serde_json::from_str::<serde_json::Value>(&text).expect("JSON"));
+            }
+            Ok(Message::Close(frame)) => break frame.map(|frame| frame.code),
+            Ok(_) => {}
+            Err(err) => panic!("no close frame: {err} after {messages:?}"),
+        }
+    };
+    let last = messages.last().expect("a final message");
+    assert_eq!(last["type"], "error", "{messages:?}");
+    assert!(
+        last["data"].as_str().unwrap_or_default().contains("1024"),
+        "{last}"
+    );
+    assert_eq!(close, Some(CloseCode::Size));
+}

@@ -2,6 +2,12 @@
 //! `timeout` or `error`), then close 1000. A reader thread forwards the client's frames to the
 //! program's stdin; this thread owns the writing side and waits with `select!` on the
 //! execution's output, the client, the runner and the time limit.
+//!
+//! Neither side lets a client stretch what it should not: writes to a client that does not
+//! read wait at most until the time limit (then the program ends and the `timeout` message
+//! waits for the client to read again), and input is written to the program without ever
+//! blocking the reading of frames (input a program does not read is dropped beyond its pipe),
+//! so a close is always seen.
 
 use std::{
     io::{PipeWriter, Write},
@@ -29,6 +35,8 @@ use crate::{
 
 /// How long to wait for the client's close frame after ours.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// Input buffered for a program that does not read it (the stdin pipe's size); more is dropped.
+const STDIN_BUFFER: usize = 1 << 20;
 /// Output events written before one flush.
 const BATCH: usize = 16;
 
@@ -41,17 +49,78 @@ const FAILED: &str = "Error executing the request";
 #[derive(Debug)]
 enum ClientEvent {
     Ping(tungstenite::Bytes),
+    /// The client sent a message larger than `server.max_message_bytes`.
+    TooLarge,
     /// The client sent a close frame or the connection ended.
     Gone,
+}
+
+/// How the session ends: the final message (none when the client is gone) and the close code.
+struct Ending {
+    last: Option<WsMessage>,
+    code: CloseCode,
+}
+
+impl From<Option<WsMessage>> for Ending {
+    fn from(last: Option<WsMessage>) -> Ending {
+        Ending {
+            last,
+            code: CloseCode::Normal,
+        }
+    }
 }
 
 /// The writing side of the connection.
 struct Writer {
     context: WebSocketContext,
+    stream: Bounded,
+}
+
+/// The socket, whose every write waits for the client at most until a deadline (nor longer
+/// than the usual timeout): a client reading a little now and then cannot stretch a write.
+struct Bounded {
     stream: TcpStream,
+    deadline: Option<Instant>,
+    /// How long a write may wait for the client (`server.websocket_timeout_secs`).
+    timeout: Duration,
+    /// The write timeout the socket has now.
+    current: Duration,
+}
+
+impl Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.deadline.map_or(self.timeout, |deadline| {
+            deadline.saturating_duration_since(Instant::now())
+        });
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        let wanted = left.min(self.timeout);
+        if wanted != self.current {
+            self.stream.set_write_timeout(Some(wanted))?;
+            self.current = wanted;
+        }
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+impl std::io::Read for Bounded {
+    /// Never used: the reader thread reads the client.
+    fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+        Ok(0)
+    }
 }
 
 impl Writer {
+    /// Makes writes wait no longer than `deadline` (nor the usual timeout).
+    fn bound_by(&mut self, deadline: Option<Instant>) {
+        self.stream.deadline = deadline;
+    }
+
     fn write(&mut self, message: &WsMessage) -> tungstenite::Result<()> {
         self.context
             .write(&mut self.stream, Message::text(message.to_json()))
@@ -62,9 +131,9 @@ impl Writer {
         self.context.flush(&mut self.stream)
     }
 
-    fn close(&mut self) -> tungstenite::Result<()> {
+    fn close(&mut self, code: CloseCode) -> tungstenite::Result<()> {
         let frame = CloseFrame {
-            code: CloseCode::Normal,
+            code,
             reason: "".into(),
         };
         self.context.close(&mut self.stream, Some(frame))?;
@@ -80,9 +149,15 @@ pub fn run(
     config: WebSocketConfig,
     started: StartedExecution,
 ) {
+    let timeout = app.server.websocket_timeout();
     let mut writer = Writer {
         context: WebSocketContext::new(Role::Server, Some(config)),
-        stream,
+        stream: Bounded {
+            stream,
+            deadline: None,
+            timeout,
+            current: timeout,
+        },
     };
     if writer.send(&WsMessage::Start).is_err() {
         return;
@@ -100,19 +175,28 @@ pub fn run(
             log::warn!("cannot start an execution: {err}");
             let last = Some(WsMessage::Error(FAILED.into()));
             record(app, tracker, last.as_ref(), &Output::default());
-            finish(&mut writer, last, None);
+            finish(&mut writer, last.into(), None);
             return;
         }
     };
     let (client_tx, client) = crossbeam_channel::bounded(4);
-    let stdin = running.stdin.take();
+    let stdin = running
+        .stdin
+        .take()
+        .and_then(|pipe| match prepare_stdin(&pipe) {
+            Ok(()) => Some(pipe),
+            Err(err) => {
+                log::warn!("cannot prepare the stdin pipe: {err}");
+                None
+            }
+        });
     let spawned = thread::Builder::new()
         .name("ws-reader".into())
         .spawn(move || read_client(reader, stdin, &client_tx));
     if spawned.is_err() {
         let last = Some(WsMessage::Error(FAILED.into()));
         record(app, tracker, last.as_ref(), &Output::default());
-        finish(&mut writer, last, None);
+        finish(&mut writer, last.into(), None);
         return;
     }
     // A limit too large to represent as an instant is no limit.
@@ -124,9 +208,10 @@ pub fn run(
     let limits = Limits {
         deadline,
         max_output,
+        max_message: app.server.max_message_bytes,
     };
     let mut output = Output::default();
-    let last = relay(
+    let ending = relay(
         &mut writer,
         &mut output,
         &running,
@@ -134,8 +219,8 @@ pub fn run(
         limits,
     );
     running.kill();
-    record(app, tracker, last.as_ref(), &output);
-    finish(&mut writer, last, Some(&client));
+    record(app, tracker, ending.last.as_ref(), &output);
+    finish(&mut writer, ending, Some(&client));
     drop(started.guard);
 }
 
@@ -168,22 +253,35 @@ fn record(app: &App, tracker: ExecutionGuard, last: Option<&WsMessage>, output: 
 struct Limits {
     deadline: Option<Instant>,
     max_output: Option<u64>,
+    max_message: usize,
 }
 
-/// Forwards output until the execution ends; returns the final message (none when the client
-/// is gone).
+impl Limits {
+    /// The ending after a write to the client failed: the time limit if it has passed (the
+    /// write waited for it), else the client is gone.
+    fn write_failed(&self) -> Ending {
+        let timed_out = self
+            .deadline
+            .is_some_and(|deadline| Instant::now() >= deadline);
+        Ending::from(timed_out.then_some(WsMessage::Timeout))
+    }
+}
+
+/// Forwards output until the execution ends; returns how the session ends.
 fn relay(
     writer: &mut Writer,
     output: &mut Output,
     running: &Running,
     (client, stop): (&Receiver<ClientEvent>, &Receiver<StopReason>),
     limits: Limits,
-) -> Option<WsMessage> {
+) -> Ending {
     let timer = limits.deadline.map_or_else(never, at);
     loop {
         select! {
             recv(running.events) -> event => {
-                let Ok(event) = event else { return Some(WsMessage::Error(FAILED.into())) };
+                let Ok(event) = event else { return Some(WsMessage::Error(FAILED.into())).into() };
+                // A client that does not read holds a write at most until the time limit.
+                writer.bound_by(limits.deadline);
                 // Write what is already queued before one flush.
                 let queued = running.events.try_iter().take(BATCH);
                 for event in std::iter::once(event).chain(queued) {
@@ -191,38 +289,49 @@ fn relay(
                         let last = output.flush(writer);
                         // A stop requested for the runner explains the death of the process.
                         return match stop.try_recv() {
-                            Ok(reason) => Some(stop_message(reason)),
-                            Err(_) => last.ok().map(|()| outcome_message(outcome)),
+                            Ok(reason) => Some(stop_message(reason)).into(),
+                            Err(_) if last.is_err() => limits.write_failed(),
+                            Err(_) => Some(outcome_message(outcome)).into(),
                         };
                     }
                     if output.write(writer, event).is_err() {
-                        return None;
+                        return limits.write_failed();
                     }
                     if limits.max_output.is_some_and(|max| output.bytes() > max) {
                         running.kill();
-                        return Some(WsMessage::Error("the output limit was exceeded".into()));
+                        return Some(WsMessage::Error("the output limit was exceeded".into())).into();
                     }
                 }
                 if writer.context.flush(&mut writer.stream).is_err() {
-                    return None;
+                    return limits.write_failed();
                 }
             }
             recv(client) -> event => match event {
                 Ok(ClientEvent::Ping(payload)) => {
+                    writer.bound_by(limits.deadline);
                     let pong = writer.context.write(&mut writer.stream, Message::Pong(payload));
                     if pong.and_then(|()| writer.context.flush(&mut writer.stream)).is_err() {
-                        return None;
+                        return limits.write_failed();
                     }
                 }
-                Ok(ClientEvent::Gone) | Err(_) => return None,
+                Ok(ClientEvent::TooLarge) => {
+                    let max = limits.max_message;
+                    return Ending {
+                        last: Some(WsMessage::Error(format!(
+                            "a message exceeded the largest accepted size ({max} bytes)"
+                        ))),
+                        code: CloseCode::Size,
+                    };
+                }
+                Ok(ClientEvent::Gone) | Err(_) => return None.into(),
             },
             recv(stop) -> reason => {
                 running.kill();
-                return Some(reason.map_or(WsMessage::Error(STOPPED.into()), stop_message));
+                return Some(reason.map_or(WsMessage::Error(STOPPED.into()), stop_message)).into();
             }
             recv(timer) -> _ => {
                 running.kill();
-                return Some(WsMessage::Timeout);
+                return Some(WsMessage::Timeout).into();
             }
         }
     }
@@ -293,11 +402,17 @@ fn stop_message(reason: StopReason) -> WsMessage {
 
 /// Sends the final message and a close frame, waits briefly for the client's close, and shuts
 /// the connection down.
-fn finish(writer: &mut Writer, last: Option<WsMessage>, client: Option<&Receiver<ClientEvent>>) {
-    let closed = match &last {
-        Some(message) => writer.send(message).and_then(|()| writer.close()).is_ok(),
+/// The program has ended by now: the final message waits the usual timeout for the client.
+fn finish(writer: &mut Writer, ending: Ending, client: Option<&Receiver<ClientEvent>>) {
+    writer.bound_by(None);
+    let code = ending.code;
+    let closed = match &ending.last {
+        Some(message) => writer
+            .send(message)
+            .and_then(|()| writer.close(code))
+            .is_ok(),
         // The client is gone or closed: answer its close frame, send nothing else.
-        None => writer.close().is_ok(),
+        None => writer.close(code).is_ok(),
     };
     if closed && let Some(client) = client {
         let deadline = at(Instant::now() + CLOSE_WAIT);
@@ -311,7 +426,17 @@ fn finish(writer: &mut Writer, last: Option<WsMessage>, client: Option<&Receiver
             }
         }
     }
-    let _ = writer.stream.shutdown(Shutdown::Both);
+    let _ = writer.stream.stream.shutdown(Shutdown::Both);
+}
+
+/// Makes the stdin pipe non-blocking with room for [`STDIN_BUFFER`] bytes (as far as the
+/// system allows).
+fn prepare_stdin(pipe: &PipeWriter) -> std::io::Result<()> {
+    use rustix::fs::OFlags;
+    let _ = rustix::pipe::fcntl_setpipe_size(pipe, STDIN_BUFFER);
+    let flags = rustix::fs::fcntl_getfl(pipe)?;
+    rustix::fs::fcntl_setfl(pipe, flags | OFlags::NONBLOCK)?;
+    Ok(())
 }
 
 /// The reader thread: client frames become stdin; close and errors end it.
@@ -323,6 +448,10 @@ fn read_client(
     loop {
         let message = match reader.read() {
             Ok(message) => message,
+            Err(tungstenite::Error::Capacity(_)) => {
+                let _ = events.send(ClientEvent::TooLarge);
+                return;
+            }
             Err(_) => break,
         };
         let input: &[u8] = match &message {
@@ -338,10 +467,15 @@ fn read_client(
             Message::Pong(_) | Message::Frame(_) => continue,
         };
         // A program that ended no longer reads its input; keep reading frames for the close.
-        if let Some(pipe) = stdin.as_mut()
-            && pipe.write_all(input).is_err()
-        {
-            stdin = None;
+        // The pipe never blocks: what does not fit is input the program does not read.
+        if let Some(pipe) = stdin.as_mut() {
+            match pipe.write_all(input) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    log::debug!("input dropped: the program does not read its input");
+                }
+                Err(_) => stdin = None,
+            }
         }
     }
     let _ = events.send(ClientEvent::Gone);

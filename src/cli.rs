@@ -65,6 +65,11 @@ pub struct Cli {
     /// server.release: version string served by /version [default: the crate version].
     #[arg(long, env = "POSEIDON_SERVER_RELEASE")]
     pub release: Option<String>,
+    /// server.systemd_socket_activation: listen on the sockets systemd passes (LISTEN_FDS):
+    /// the one named `http` (or the first) for the API, `websocket` (or the second) for
+    /// executions [default: false].
+    #[arg(long, env = "POSEIDON_SERVER_SYSTEMDSOCKETACTIVATION")]
+    pub systemd_socket_activation: Option<bool>,
 
     /// runner.executor: `sandbox` (isolated Linux sandboxes, needs root) or `process` (plain
     /// directories, NO isolation) [default: sandbox].
@@ -276,6 +281,10 @@ impl Cli {
         );
         set(&mut server.http_timeout_secs, self.http_timeout_secs);
         set_some(&mut server.release, self.release);
+        set(
+            &mut server.systemd_socket_activation,
+            self.systemd_socket_activation,
+        );
         let runner = &mut config.runner;
         set(&mut runner.executor, self.executor);
         set(&mut runner.capacity, self.capacity);

@@ -77,6 +77,13 @@ pub struct ServerConfig {
     pub http_timeout_secs: u64,
     /// Version string served by `/version`.
     pub release: Option<String>,
+    /// Listen on the sockets systemd passes (`LISTEN_FDS`) instead of binding
+    /// `address`/`port`: the one named `http` (or the first) for the API, the one named
+    /// `websocket` (or the second) for executions; without a second one the WebSocket
+    /// listener binds `address` and `websocket_port` as usual. Poseidon's
+    /// `systemdsocketactivation`.
+    #[serde(alias = "systemdsocketactivation")]
+    pub systemd_socket_activation: bool,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +102,7 @@ impl Default for ServerConfig {
             websocket_timeout_secs: 30,
             http_timeout_secs: 60,
             release: None,
+            systemd_socket_activation: false,
         }
     }
 }

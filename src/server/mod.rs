@@ -5,6 +5,7 @@
 mod front;
 pub mod http;
 mod scrape;
+pub mod systemd;
 
 use std::{
     fmt,
@@ -17,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 
 use self::{
     front::{Front, Job, Returned, Settings, Waker},
@@ -70,13 +71,26 @@ impl Server {
     pub fn with_executor(config: Config, executor: Arc<dyn Executor>) -> Result<Server> {
         let server = &config.server;
         let address = server.address;
-        let http = listen(address, server.port)?;
+        let mut activated = match server.systemd_socket_activation {
+            true => systemd::activated()
+                .map_err(|err| Error::internal("cannot use the sockets from systemd", err))?,
+            false => systemd::Activated::default(),
+        };
+        let http = match activated.http.take() {
+            Some(listener) => listener,
+            None => listen(address, server.port)?,
+        };
         let http_addr = http.local_addr()?;
         let mut listeners = vec![(http, Port::Api)];
         // The API listener serves WebSocket upgrades too; a second listener only when asked.
-        let websocket_addr = match server.websocket_port() {
-            port if port != 0 && port == server.port => http_addr,
-            port => {
+        let websocket_addr = match (activated.websocket.take(), server.websocket_port()) {
+            (Some(websocket), _) => {
+                let addr = websocket.local_addr()?;
+                listeners.push((websocket, Port::WebSocket));
+                addr
+            }
+            (None, port) if port != 0 && port == server.port => http_addr,
+            (None, port) => {
                 let websocket = listen(address, port)?;
                 let addr = websocket.local_addr()?;
                 listeners.push((websocket, Port::WebSocket));
@@ -169,12 +183,22 @@ impl Server {
             "WebSocket executions listening on ws://{}",
             self.websocket_addr
         );
+        match systemd::notify("READY=1") {
+            Ok(true) => log::info!("told systemd that the server is ready"),
+            Ok(false) => {}
+            Err(err) => log::warn!("cannot notify systemd: {err}"),
+        }
+        let (watchdog_stop, stop) = crossbeam_channel::bounded::<()>(0);
+        if let Some(interval) = systemd::watchdog_interval() {
+            threads.push(systemd::spawn_watchdog(self.http_addr, interval, stop)?);
+        }
         Ok(ServerHandle {
             waker: Some(waker),
             http_addr: self.http_addr,
             websocket_addr: self.websocket_addr,
             scrape_addr,
             scrape_stop,
+            watchdog_stop: Some(watchdog_stop),
             app: self.app,
             threads,
         })
@@ -215,6 +239,8 @@ pub struct ServerHandle {
     websocket_addr: SocketAddr,
     scrape_addr: Option<SocketAddr>,
     scrape_stop: Arc<AtomicBool>,
+    /// Dropped to stop the watchdog thread.
+    watchdog_stop: Option<Sender<()>>,
     app: Arc<App>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -270,6 +296,8 @@ impl ServerHandle {
             return;
         };
         log::info!("shutting down");
+        let _ = systemd::notify("STOPPING=1");
+        self.watchdog_stop.take();
         waker.stop();
         self.scrape_stop.store(true, Ordering::SeqCst);
         if let Some(address) = self.scrape_addr {

@@ -1,6 +1,7 @@
 //! The only place with `unsafe` code: thin wrappers around what the safe APIs (std, rustix) do
 //! not offer. Every block carries a `SAFETY:` comment.
 
+pub mod inherited;
 pub mod sandbox;
 
 use std::{

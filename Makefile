@@ -1,5 +1,8 @@
 # poseidon-lite: thin wrappers around cargo. `make help` lists the targets.
-.PHONY: help build run test lint doc examples ci bench
+.PHONY: help build run test lint doc examples ci bench install
+
+PREFIX ?= /usr/local
+DESTDIR ?=
 
 help: ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -42,3 +45,14 @@ ci: lint test doc examples ## everything CI checks (lint, tests, docs, examples)
 
 bench: ## performance dashboard: release server, both executors, table + target/bench/results.json
 	cargo bench --locked --bench dashboard
+
+install: build ## install the binary, the systemd units and a configuration (PREFIX=/usr/local, DESTDIR)
+	install -D -m 0755 target/release/poseidon-lite $(DESTDIR)$(PREFIX)/bin/poseidon-lite
+	install -d $(DESTDIR)/etc/systemd/system
+	sed 's|@BINDIR@|$(PREFIX)/bin|' contrib/systemd/poseidon-lite.service \
+		> $(DESTDIR)/etc/systemd/system/poseidon-lite.service
+	install -m 0644 contrib/systemd/poseidon-lite.socket $(DESTDIR)/etc/systemd/system/
+	install -d -m 0700 $(DESTDIR)/etc/poseidon-lite
+	test -e $(DESTDIR)/etc/poseidon-lite/config.toml || \
+		install -m 0600 contrib/poseidon-lite.toml $(DESTDIR)/etc/poseidon-lite/config.toml
+	@echo "then: systemctl daemon-reload && systemctl enable --now poseidon-lite.socket poseidon-lite.service"

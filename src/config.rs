@@ -449,6 +449,15 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_configuration_is_valid() {
+        let config = Config::from_toml(include_str!("../contrib/poseidon-lite.toml")).unwrap();
+        assert_eq!(
+            config.sandbox.images_dir.as_deref(),
+            Some(Path::new("/var/lib/poseidon-lite/images"))
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let err = Config::from_toml("[server]\nprot = 1\n").unwrap_err();
         assert!(err.contains("unknown field `prot`"), "{err}");

@@ -4,7 +4,7 @@
 
 use std::{net::IpAddr, path::PathBuf};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use crate::config::{Config, ExecutorKind};
 
@@ -15,6 +15,10 @@ use crate::config::{Config, ExecutorKind};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 pub struct Cli {
+    /// Instead of serving: a command (see `poseidon-lite help environments`).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// TOML configuration file (sections `[server]`, `[runner]`, `[sandbox]`, `[network]`,
     /// `[images]`, `[state]`, `[logger]`, `[metrics]`).
     #[arg(long, env = "POSEIDON_CONFIG", value_name = "FILE", global = true)]
@@ -242,6 +246,44 @@ pub struct Cli {
     /// logger.level: error, warn, info, debug (one line per request) or trace [default: info].
     #[arg(long, env = "POSEIDON_LOGGER_LEVEL", global = true)]
     pub log_level: Option<String>,
+}
+
+/// Commands besides serving.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Environment definitions: export them from a server, import them into another (a
+    /// Poseidon on a Nomad cluster, or another poseidon-lite).
+    #[command(subcommand)]
+    Environments(EnvironmentsCommand),
+}
+
+/// `environments …`.
+#[derive(Debug, Subcommand)]
+pub enum EnvironmentsCommand {
+    /// Prints the environments of a running server as JSON that a Poseidon or poseidon-lite
+    /// accepts through its PUT route ({"executionEnvironments":[…]}).
+    Export {
+        /// API of the server [default: this configuration's server]; its token is
+        /// server.token (--token).
+        #[arg(long, value_name = "URL")]
+        from: Option<String>,
+    },
+    /// Puts the environments of an export (standard input, or --file) into the server at URL
+    /// (e.g. https://poseidon.example.org/api/v1), one PUT each.
+    Import {
+        /// API of the receiving server.
+        url: String,
+        /// The receiving server's Poseidon-Token.
+        #[arg(
+            long = "to-token",
+            env = "POSEIDON_IMPORT_TOKEN",
+            hide_env_values = true
+        )]
+        token: Option<String>,
+        /// Read the export from this file instead of standard input.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
 }
 
 fn parse_alias(text: &str) -> Result<(String, String), String> {

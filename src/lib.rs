@@ -17,6 +17,7 @@ pub mod id;
 pub mod image;
 pub mod manager;
 pub mod metrics;
+pub mod migrate;
 pub mod network;
 pub mod server;
 pub mod store;

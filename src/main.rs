@@ -2,6 +2,10 @@
 //! server until SIGTERM or SIGINT.
 
 use clap::Parser;
+use poseidon_lite::{
+    Config,
+    cli::{Command, EnvironmentsCommand},
+};
 use signal_hook::{
     consts::{SIGINT, SIGTERM},
     iterator::Signals,
@@ -22,7 +26,12 @@ fn main() {
 }
 
 fn run() -> Result<(), String> {
-    let config = poseidon_lite::cli::Cli::parse().into_config()?;
+    let mut cli = poseidon_lite::cli::Cli::parse();
+    let command = cli.command.take();
+    let config = cli.into_config()?;
+    if let Some(Command::Environments(command)) = command {
+        return environments(&config, command);
+    }
     env_logger::Builder::new()
         .parse_filters(&config.logger.level)
         .format_timestamp_micros()
@@ -37,6 +46,42 @@ fn run() -> Result<(), String> {
     }
     handle.shutdown();
     Ok(())
+}
+
+/// `environments export` and `environments import`.
+fn environments(config: &Config, command: EnvironmentsCommand) -> Result<(), String> {
+    use poseidon_lite::migrate;
+    match command {
+        EnvironmentsCommand::Export { from } => {
+            let api = from.unwrap_or_else(|| own_api(config));
+            let token = config.server.required_token();
+            println!("{}", migrate::export(&api, token)?);
+        }
+        EnvironmentsCommand::Import { url, token, file } => {
+            let exported = match file {
+                Some(path) => std::fs::read_to_string(&path)
+                    .map_err(|err| format!("cannot read {}: {err}", path.display()))?,
+                None => std::io::read_to_string(std::io::stdin())
+                    .map_err(|err| format!("cannot read standard input: {err}"))?,
+            };
+            for line in migrate::import(&url, token.as_deref(), &exported)? {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The API of the server this configuration describes, reached over loopback when it listens
+/// on every address.
+fn own_api(config: &Config) -> String {
+    let address = match config.server.address {
+        address if address.is_unspecified() && address.is_ipv6() => "[::1]".to_owned(),
+        address if address.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(address) => format!("[{address}]"),
+        address => address.to_string(),
+    };
+    format!("http://{address}:{}/api/v1", config.server.port)
 }
 
 /// Every connection, execution and runner takes descriptors: allow as many as permitted.

@@ -269,7 +269,7 @@ pub enum EnvironmentsCommand {
         from: Option<String>,
     },
     /// Puts the environments of an export (standard input, or --file) into the server at URL
-    /// (e.g. https://poseidon.example.org/api/v1), one PUT each.
+    /// (e.g. `https://poseidon.example.org/api/v1`), one PUT each.
     Import {
         /// API of the receiving server.
         url: String,

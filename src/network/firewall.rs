@@ -30,9 +30,11 @@ pub struct Rules {
     pub dns: Vec<IpAddr>,
     /// New connections one runner address may have open at once.
     pub connection_limit: u32,
-    /// Drop forwarding that involves no runner: set when the host did not forward before the
-    /// server turned forwarding on, so the host does not become a router for anything else.
-    pub forward_guard: bool,
+    /// Drop IPv4 forwarding that involves no runner: set when the host did not forward IPv4
+    /// before the server turned forwarding on, so it does not become a router for anything else.
+    pub guard_v4: bool,
+    /// The same for IPv6.
+    pub guard_v6: bool,
 }
 
 /// Renders the script for `nft -f -`: create-if-missing, delete, create, all one transaction.
@@ -94,11 +96,14 @@ pub fn render(rules: &Rules) -> String {
   }}
 "
     );
-    let guard = if rules.forward_guard {
-        format!("    iifname != {ifname} oifname != {ifname} counter drop\n")
-    } else {
-        String::new()
-    };
+    let mut guard = String::new();
+    for (on, family) in [(rules.guard_v4, "ipv4"), (rules.guard_v6, "ipv6")] {
+        if on {
+            guard += &format!(
+                "    meta nfproto {family} iifname != {ifname} oifname != {ifname} counter drop\n"
+            );
+        }
+    }
     out += &format!(
         "  chain forward {{
     type filter hook forward priority filter - 5; policy accept;
@@ -199,7 +204,8 @@ mod tests {
             ],
             dns: vec!["10.1.2.3".parse().unwrap()],
             connection_limit: 64,
-            forward_guard: false,
+            guard_v4: false,
+            guard_v6: false,
         }
     }
 
@@ -235,10 +241,15 @@ mod tests {
     #[test]
     fn the_guard_appears_only_when_asked_for() {
         let mut rules = rules();
-        rules.forward_guard = true;
+        rules.guard_v6 = true;
         rules.allowed.clear();
         let text = render(&rules);
-        assert!(text.contains("iifname != \"plh-*\" oifname != \"plh-*\" counter drop"));
+        assert!(
+            text.contains(
+                "meta nfproto ipv6 iifname != \"plh-*\" oifname != \"plh-*\" counter drop"
+            )
+        );
+        assert!(!text.contains("meta nfproto ipv4"));
         assert!(text.contains("set allowed4 { type ipv4_addr; flags interval; auto-merge; }"));
     }
 

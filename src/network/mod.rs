@@ -88,7 +88,8 @@ impl Network {
             allowed,
             dns: resolvers.clone(),
             connection_limit: network.connection_limit,
-            forward_guard: false,
+            guard_v4: false,
+            guard_v6: false,
         };
         let network = Arc::new(Network {
             config: network.clone(),
@@ -148,7 +149,8 @@ impl Network {
         let failed = |err: std::io::Error| Error::internal("network: cannot set up the host", err);
         let forwarding = Forwarding::remember(&self.marker).map_err(failed)?;
         let rules = Rules {
-            forward_guard: !forwarding.ipv4,
+            guard_v4: !forwarding.ipv4,
+            guard_v6: !forwarding.ipv6,
             ..self.rules.clone()
         };
         // The table before forwarding: there is no moment without the filter.

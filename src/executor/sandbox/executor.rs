@@ -15,8 +15,8 @@ use crate::{
     error::{Error, Result},
     executor::{Command, Executor, Outcome, Runner, RunnerSpec},
     id::{EnvironmentId, RunnerId},
-    network::Network,
     image::service::Images,
+    network::Network,
 };
 
 /// How long the start-up self-test may take to run `true`.

@@ -114,10 +114,40 @@ fn measure_executor(executor: &str) -> Result<Outcome, String> {
     let stop = server.stop()?;
     eprintln!("done in {:.2} s", stop.as_secs_f64());
     figures.stop_s = Some(stop.as_secs_f64());
+    if executor == "process" {
+        figures.claim_synced = Some(claim_with_state_sync(executor)?);
+    }
     for line in &figures.server_errors {
         eprintln!("[{executor}] the server logged an error: {line}");
     }
     Ok(Outcome::Measured(Box::new(figures)))
+}
+
+/// Claim latency of a second server that flushes every runner record to the disk before
+/// answering (`--state-sync true`), on a state directory of the same file system.
+fn claim_with_state_sync(executor: &str) -> Result<report::Percentiles, String> {
+    let state = tempfile::Builder::new()
+        .prefix(&format!("poseidon-lite-bench-{executor}-sync-"))
+        .tempdir()
+        .map_err(|err| format!("cannot create a state directory: {err}"))?;
+    let mut args = server_args(executor, state.path());
+    args.extend(["--state-sync".to_owned(), "true".to_owned()]);
+    let mut server = ServerProcess::start(binary(), &args).map_err(|err| match err {
+        StartError::Exited(reason) | StartError::Other(reason) => reason,
+    })?;
+    let client = Client::new(&server.api, server.websocket);
+    let mut bench = Bench {
+        executor,
+        server: &mut server,
+        client,
+    };
+    let claim = bench.step(
+        "claim latency with state.sync",
+        Bench::claim_latency,
+        report::Percentiles::show,
+    );
+    server.stop()?;
+    claim
 }
 
 /// The release server binary Cargo built for this bench.

@@ -243,6 +243,11 @@ pub struct Cli {
     #[arg(long, env = "POSEIDON_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
 
+    /// Destroy every runner of the state directory, claimed ones included (their files are
+    /// lost), then exit. Claimed runners otherwise outlive the server for the next one to take
+    /// back. Run it only while no server runs on the state directory.
+    #[arg(long)]
+    pub destroy_runners: bool,
     /// logger.level: error, warn, info, debug (one line per request) or trace [default: info].
     #[arg(long, env = "POSEIDON_LOGGER_LEVEL", global = true)]
     pub log_level: Option<String>,

@@ -28,6 +28,7 @@ fn main() {
 fn run() -> Result<(), String> {
     let mut cli = poseidon_lite::cli::Cli::parse();
     let command = cli.command.take();
+    let destroy_runners = cli.destroy_runners;
     let config = cli.into_config()?;
     if let Some(Command::Environments(command)) = command {
         return environments(&config, command);
@@ -36,6 +37,11 @@ fn run() -> Result<(), String> {
         .parse_filters(&config.logger.level)
         .format_timestamp_micros()
         .init();
+    if destroy_runners {
+        let records = poseidon_lite::Server::destroy_runners(&config).map_err(|e| e.to_string())?;
+        log::info!("destroyed every runner ({records} claimed)");
+        return Ok(());
+    }
     raise_file_limit();
     // Registered before the server starts so that no signal arrives unhandled.
     let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|err| err.to_string())?;

@@ -75,14 +75,7 @@ fn after_a_crash_the_restarted_server_keeps_environments_and_claimed_runners() {
     let (status, body) = server.call("GET", "/execution-environments/7", json!(null));
     assert_eq!(status, 200, "{body}");
     let (status, _) = server.call("GET", &format!("/runners/{runner}/files"), json!(null));
-    if support::executor_kind() == poseidon_lite::config::ExecutorKind::Process {
-        assert_eq!(
-            status, 200,
-            "the process executor takes claimed runners back"
-        );
-    } else {
-        assert_eq!(status, 410, "sandboxes do not survive the server");
-    }
+    assert_eq!(status, 200, "both executors take claimed runners back");
     drop(server);
     let group = std::path::Path::new("/sys/fs/cgroup/pids")
         .join(support::process::own_sandbox_settings().0);

@@ -119,9 +119,19 @@ fn files_named(dir: &Path, needle: &str) -> Vec<PathBuf> {
     found
 }
 
-/// Only the process executor records claimed runners (sandboxes end with their server).
+/// Whether a runner's files are a directory of the state directory (`process` executor);
+/// a sandbox's are inside the sandbox.
 fn records_runners() -> bool {
     support::process_executor()
+}
+
+/// The executor's per-runner directories in the state directory.
+fn runner_dirs(state: &Path) -> usize {
+    let dir = match support::process_executor() {
+        true => "workspaces",
+        false => "sandbox",
+    };
+    fs::read_dir(state.join(dir)).map_or(0, Iterator::count)
 }
 
 #[test]
@@ -228,9 +238,6 @@ fn a_damaged_runner_record_stops_the_start_and_its_workspace_stays() {
 
 #[test]
 fn every_answered_claim_survives_a_sigkill() {
-    if !records_runners() {
-        return;
-    }
     let state = tempfile::tempdir().expect("state");
     let server = Process::start_with(state.path(), &["--capacity", "64"]);
     put_environment(&server, 3, 0);
@@ -361,9 +368,6 @@ fn a_copy_cut_by_sigkill_leaves_the_old_or_the_new_file() {
 
 #[test]
 fn a_claim_racing_the_deletion_of_its_environment_leaves_no_record() {
-    if !records_runners() {
-        return;
-    }
     let state = tempfile::tempdir().expect("state");
     let server = Process::start_with(state.path(), &["--capacity", "2000"]);
     put_environment(&server, 9, 0);
@@ -400,10 +404,11 @@ fn a_claim_racing_the_deletion_of_its_environment_leaves_no_record() {
         .count();
     assert_eq!(records, 0, "no record outlives its environment");
     let _server = Process::start(state.path());
-    let left = fs::read_dir(state.path().join("workspaces"))
-        .expect("workspaces")
-        .count();
-    assert_eq!(left, 0, "no workspace of the deleted environment is kept");
+    assert_eq!(
+        runner_dirs(state.path()),
+        0,
+        "no runner of the deleted environment is kept"
+    );
 }
 
 #[test]

@@ -52,6 +52,7 @@ impl Bench<'_> {
             many,
             http_floor,
             claim,
+            claim_synced: None,
             executions,
             stop_s: None,
             server_errors: Vec::new(),
@@ -134,7 +135,7 @@ impl Bench<'_> {
     }
 
     /// Claims 200 runners one after another from a full pool of 200 (which refills meanwhile).
-    fn claim_latency(&mut self) -> Result<Percentiles, String> {
+    pub fn claim_latency(&mut self) -> Result<Percentiles, String> {
         const CLAIMS: usize = 200;
         self.client.environment(CLAIM_ENV, CLAIMS as u32)?;
         wait_idle(

@@ -237,6 +237,14 @@ const FIGURE_ROWS: &[(&str, Show)] = &[
     ("claim latency POST /runners (p50 / p99)", |f| {
         ms_pair(&f.claim)
     }),
+    (
+        "  with state.sync: record flushed to disk (p50 / p99)",
+        |f| {
+            f.claim_synced
+                .as_ref()
+                .map_or_else(|| "n/a (claims not recorded)".to_owned(), ms_pair)
+        },
+    ),
     ("  reference: HTTP floor GET /version (p50 / p99)", |f| {
         ms_pair(&f.http_floor)
     }),

@@ -67,6 +67,20 @@ impl Server {
         Server::with_executor(config, executor)
     }
 
+    /// Destroys every runner of the state directory, claimed ones included, and their
+    /// records (`--destroy-runners`; no server may run on the directory). Environments stay.
+    /// Returns how many records were removed.
+    pub fn destroy_runners(config: &Config) -> Result<usize> {
+        let executor = crate::executor::from_config(config)?;
+        let store = Store::open(&config.state.dir).map_err(|err| {
+            Error::internal(&format!("cannot open {}", config.state.dir.display()), err)
+        })?;
+        executor.remove_leftovers(&[]);
+        store
+            .remove_all_runners()
+            .map_err(|err| Error::internal("cannot remove the runner records", err))
+    }
+
     /// Like [`Server::bind`] with a given executor.
     pub fn with_executor(config: Config, executor: Arc<dyn Executor>) -> Result<Server> {
         let server = &config.server;

@@ -36,6 +36,23 @@ impl Store {
     pub fn remove_runner(&self, id: &RunnerId) -> io::Result<()> {
         remove_file(&self.runners.join(format!("{id}.json")))
     }
+
+    /// Removes every runner record (and temporary file); how many records there were.
+    pub fn remove_all_runners(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.runners)? {
+            let path = entry?.path();
+            if path
+                .extension()
+                .is_some_and(|ext| ext == "json" || ext == "tmp")
+            {
+                remove_file(&path)?;
+                removed += usize::from(path.extension().is_some_and(|ext| ext == "json"));
+            }
+        }
+        sync_dir(&self.runners)?;
+        Ok(removed)
+    }
 }
 
 /// What the record writer is asked to do.

@@ -361,8 +361,10 @@ impl Drop for TestServer {
     }
 }
 
-/// Removes the (empty) cgroups named `name` under every controller, and their empty children:
-/// the executor removes its runners' groups, the server's own group per controller stays.
+/// Removes the cgroups named `name` under every controller, with their children. Claimed
+/// sandbox runners outlive their server (for the next one to take back), so what is still in
+/// a child group is killed first: the test's state directory, and with it any server that
+/// could take them back, is gone.
 pub fn remove_cgroups(name: &str) {
     let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") else {
         return;
@@ -371,10 +373,28 @@ pub fn remove_cgroups(name: &str) {
         let group = controller.path().join(name);
         if let Ok(children) = std::fs::read_dir(&group) {
             for child in children.flatten().filter(|c| c.path().is_dir()) {
-                let _ = std::fs::remove_dir(child.path());
+                remove_group(&child.path());
             }
         }
         let _ = std::fs::remove_dir(&group);
+    }
+}
+
+/// Kills every process of a cgroup and removes it; killed processes leave it only once they
+/// have exited, so removal is retried for a while.
+fn remove_group(group: &std::path::Path) {
+    let deadline = Instant::now() + TIMEOUT;
+    while std::fs::remove_dir(group).is_err() && group.exists() && Instant::now() < deadline {
+        let procs = std::fs::read_to_string(group.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs
+            .lines()
+            .filter_map(|pid| pid.trim().parse::<i32>().ok())
+        {
+            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

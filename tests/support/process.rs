@@ -16,7 +16,9 @@ pub struct Process {
     pub child: Child,
     pub api: String,
     lines: std::sync::Mutex<mpsc::Receiver<String>>,
-    cgroup_name: String,
+    /// Removed (with every runner left in them) when dropped; `None` after a crash, whose
+    /// runners are left for the next server on the same state directory.
+    cgroup_name: Option<String>,
 }
 
 /// A cgroup name and uid base of this test process's own, so that its servers never use (and
@@ -36,7 +38,11 @@ impl Process {
 
     /// Like [`Process::start`] with extra flags.
     pub fn start_with(state: &Path, args: &[&str]) -> Process {
-        let mut process = Self::spawn(state, args);
+        Self::listening(Self::spawn(state, args))
+    }
+
+    /// Waits until a spawned server listens.
+    pub fn listening(mut process: Process) -> Process {
         let line = process.wait_for("HTTP API listening on ");
         process.api = line
             .split("listening on ")
@@ -49,7 +55,13 @@ impl Process {
 
     /// Starts the server on `state` without waiting for anything.
     pub fn spawn(state: &Path, args: &[&str]) -> Process {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_poseidon-lite"))
+        Self::spawn_binary(Path::new(env!("CARGO_BIN_EXE_poseidon-lite")), state, args)
+    }
+
+    /// Like [`Process::spawn`] with another server binary (an upgrade, say).
+    pub fn spawn_binary(binary: &Path, state: &Path, args: &[&str]) -> Process {
+        let executor = ["--executor", super::executor_name()];
+        let mut child = Command::new(binary)
             .args([
                 "--port",
                 "0",
@@ -57,9 +69,11 @@ impl Process {
                 "0",
                 "--log-level",
                 "info",
-                "--executor",
             ])
-            .arg(super::executor_name())
+            .args(match args.contains(&"--executor") {
+                true => &[][..],
+                false => &executor[..],
+            })
             .arg("--image")
             .arg(format!("{}=host", super::TEST_IMAGE))
             .arg("--state-dir")
@@ -86,7 +100,7 @@ impl Process {
             child,
             api: String::new(),
             lines: std::sync::Mutex::new(lines),
-            cgroup_name: own_sandbox_settings().0,
+            cgroup_name: Some(own_sandbox_settings().0),
         }
     }
 
@@ -165,10 +179,12 @@ impl Process {
         }
     }
 
-    /// SIGKILL, then waits for the end.
+    /// SIGKILL, then waits for the end; what it leaves (runners included) stays for the next
+    /// server on the same state directory.
     pub fn crash(mut self) {
         self.signal("KILL");
         self.wait();
+        self.cgroup_name = None;
     }
 }
 
@@ -186,6 +202,8 @@ impl Drop for Process {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        super::remove_cgroups(&self.cgroup_name);
+        if let Some(name) = &self.cgroup_name {
+            super::remove_cgroups(name);
+        }
     }
 }

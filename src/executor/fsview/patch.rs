@@ -4,7 +4,8 @@
 //!
 //! Every copied file is written to a temporary file next to it, synced, and renamed over
 //! it: after a failure (full disk) or a crash it holds its old or its complete new content,
-//! never a part. Files are staged in batches that share one sync of the file system.
+//! never a part. Each file's own data is synced (not the whole file system, whose other
+//! writers would make a copy's time unpredictable).
 
 use std::{
     io::{self, Write},
@@ -33,21 +34,16 @@ pub(super) fn apply(root: &Root, update: &FileUpdate) -> Result<()> {
         delete(root, path);
     }
     let mut failures: Vec<String> = Vec::new();
-    let mut staged: Vec<Staged> = Vec::new();
     for entry in &update.copy {
         let result = if entry.path.ends_with('/') {
             make_directory(root, entry)
         } else {
-            stage(root, entry).map(|file| staged.push(file))
+            copy_file(root, entry)
         };
         if let Err(err) = result {
             failures.push(format!("{}: {err}", entry.path));
         }
-        if staged.len() >= STAGED_AT_ONCE {
-            commit(std::mem::take(&mut staged), &mut failures);
-        }
     }
-    commit(staged, &mut failures);
     if failures.is_empty() {
         Ok(())
     } else {
@@ -55,40 +51,9 @@ pub(super) fn apply(root: &Root, update: &FileUpdate) -> Result<()> {
     }
 }
 
-/// Files written before one sync and their renames; each holds its directory open.
-const STAGED_AT_ONCE: usize = 128;
-
 /// Marks the temporary files of copies; what a crash left behind is removed by
 /// [`remove_partial_files`].
 pub const PARTIAL_SUFFIX: &str = ".poseidon-partial";
-
-/// A file written under a temporary name, waiting for its rename.
-struct Staged {
-    path: String,
-    parent: OwnedFd,
-    name: String,
-    temporary: String,
-}
-
-/// Syncs the staged files' file system once, then renames each over its destination.
-fn commit(staged: Vec<Staged>, failures: &mut Vec<String>) {
-    let Some(first) = staged.first() else {
-        return;
-    };
-    // The walk's descriptors are O_PATH, which syncfs does not take.
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let synced = rustix::fs::openat(&first.parent, ".", flags, Mode::empty())
-        .and_then(|dir| rustix::fs::syncfs(&dir));
-    for file in staged {
-        let renamed = synced.and_then(|()| {
-            rustix::fs::renameat(&file.parent, &file.temporary, &file.parent, &file.name)
-        });
-        if let Err(errno) = renamed {
-            let _ = rustix::fs::unlinkat(&file.parent, &file.temporary, AtFlags::empty());
-            failures.push(format!("{}: {}", file.path, cannot_open(errno)));
-        }
-    }
-}
 
 /// Creates a directory of the request.
 fn make_directory(root: &Root, entry: &FileEntry) -> io::Result<()> {
@@ -100,14 +65,15 @@ fn make_directory(root: &Root, entry: &FileEntry) -> io::Result<()> {
     rustix::fs::fchmod(&dir, Mode::from_raw_mode(DIRECTORY_MODE)).map_err(Into::into)
 }
 
-/// Writes a file of the request under a temporary name in its directory; on failure
-/// nothing is left behind.
-fn stage(root: &Root, entry: &FileEntry) -> io::Result<Staged> {
+/// Writes a file of the request under a temporary name in its directory, syncs it and
+/// renames it over the destination; on failure nothing is left behind.
+fn copy_file(root: &Root, entry: &FileEntry) -> io::Result<()> {
     let view = clean(&root.view_path(&entry.path));
     let (parent, name) =
         split_parent(&view).ok_or_else(|| cannot_open(rustix::io::Errno::ISDIR))?;
     let parent = make_dirs(root, parent)?;
-    // A directory is not replaced by a file (tar refuses as well).
+    // A directory is not replaced by a file (tar refuses as well); a symlink is replaced,
+    // not followed.
     if let Ok(stat) = rustix::fs::statat(&parent, name, AtFlags::SYMLINK_NOFOLLOW)
         && FileType::from_raw_mode(stat.st_mode) == FileType::Directory
     {
@@ -119,17 +85,18 @@ fn stage(root: &Root, entry: &FileEntry) -> io::Result<Staged> {
         .map_err(cannot_open)?;
     let written = rustix::fs::fchmod(&fd, Mode::from_raw_mode(FILE_MODE))
         .map_err(io::Error::from)
-        .and_then(|()| std::fs::File::from(fd).write_all(&entry.content));
-    if let Err(err) = written {
+        .and_then(|()| {
+            let mut file = std::fs::File::from(fd);
+            file.write_all(&entry.content)?;
+            file.sync_data()
+        })
+        .and_then(|()| {
+            rustix::fs::renameat(&parent, &temporary, &parent, name).map_err(cannot_open)
+        });
+    if written.is_err() {
         let _ = rustix::fs::unlinkat(&parent, &temporary, AtFlags::empty());
-        return Err(err);
     }
-    Ok(Staged {
-        path: entry.path.clone(),
-        parent,
-        name: name.to_owned(),
-        temporary,
-    })
+    written
 }
 
 /// Removes the temporary files of copies a crash interrupted, anywhere below `dir` (not

@@ -107,6 +107,17 @@ impl SandboxExecutor {
         let executor = SandboxExecutor {
             shared: Arc::new(shared),
         };
+        // Runners an earlier server left keep their uid ranges until they are taken back or
+        // removed; the self-test must not run in one of them.
+        for entry in fs::read_dir(&executor.shared.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(file) = super::reattach::RunnerFile::load(&entry.path()) {
+                executor.shared.reserve_slot(file.slot);
+            }
+        }
         executor
             .self_test()
             .map_err(|err| unavailable(format!("sandbox self-test failed: {err}")))?;
@@ -258,6 +269,18 @@ impl Shared {
         Err(Error::Internal("sandbox: no free uid range".into()))
     }
 
+    /// Marks a uid range as taken (by a runner an earlier server left running).
+    pub fn reserve_slot(&self, slot: u32) {
+        let mut slots = self.slots.lock().unwrap();
+        if slot >= slots.next {
+            let skipped = slots.next..slot;
+            slots.free.extend(skipped);
+            slots.next = slot + 1;
+        } else {
+            slots.free.retain(|free| *free != slot);
+        }
+    }
+
     /// Returns a uid range; only once nothing of its runner runs any more.
     pub fn give_slot(&self, slot: u32) {
         self.slots.lock().unwrap().free.push(slot);
@@ -290,10 +313,20 @@ impl Executor for SandboxExecutor {
         Ok(Arc::new(runner))
     }
 
-    fn adopt(&self, _id: &RunnerId, _spec: &RunnerSpec) -> Option<Arc<dyn Runner>> {
-        // A runner's init dies with its server (control socket, parent death signal), so
-        // nothing survives a restart to be adopted.
-        None
+    fn adopts(&self) -> bool {
+        true
+    }
+
+    /// Its files, limits (the cgroup) and id stay as they were: only the server's sockets
+    /// are new.
+    fn adopt(&self, id: &RunnerId, spec: &RunnerSpec) -> Option<Arc<dyn Runner>> {
+        match SandboxRunner::adopt(&self.shared, id, spec) {
+            Ok(runner) => Some(Arc::new(runner)),
+            Err(err) => {
+                log::warn!("sandbox: cannot take runner {id} back: {err}");
+                None
+            }
+        }
     }
 
     /// A runner's directory under the state directory exists for as long as its cgroup does
@@ -310,9 +343,13 @@ impl Executor for SandboxExecutor {
             if keep.contains(name.as_str()) {
                 continue;
             }
+            let slot = super::reattach::RunnerFile::load(&entry.path()).map(|file| file.slot);
             if let Err(err) = self.shared.cgroups.group(&name).remove() {
                 log::warn!("sandbox: cannot remove the leftover cgroup {name}: {err}");
                 continue;
+            }
+            if let Ok(slot) = slot {
+                self.shared.give_slot(slot);
             }
             match fs::remove_dir_all(entry.path()) {
                 Ok(()) => log::info!("sandbox: removed leftover runner {name}"),

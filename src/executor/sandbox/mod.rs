@@ -14,6 +14,7 @@ mod executor;
 mod image;
 mod operation;
 mod protocol;
+mod reattach;
 mod runner;
 mod seccomp;
 

@@ -48,6 +48,8 @@ pub struct Setup {
     /// The image's `Env` (`NAME=value`), in every command's environment.
     #[serde(default)]
     pub env: Vec<String>,
+    /// Shared with the server, to take the runner back after a restart (see `reattach`).
+    pub secret: String,
 }
 
 /// The lower layer of a runner's root file system.

@@ -25,6 +25,7 @@ use super::{
     executor::{IDS_PER_RUNNER, Shared},
     image, operation,
     protocol::{self, RecordReader, RecordWriter, Reply, Request, Setup},
+    reattach::{self, RunnerFile},
 };
 use crate::{
     error::{Error, Result},
@@ -100,15 +101,19 @@ impl SandboxRunner {
             config.cpu_mhz,
         );
         let group = shared.cgroups.create(id.as_str(), &limits)?;
+        let uid_base = config.uid_base + runner.slot * IDS_PER_RUNNER;
+        let file = RunnerFile::new(runner.slot, uid_base);
+        file.save(&runner.dir)?;
         let setup = Setup {
             hostname: id.as_str().to_owned(),
-            uid_base: config.uid_base + runner.slot * IDS_PER_RUNNER,
+            uid_base,
             cgroup_procs: group.procs_files(),
             image: lower.source,
             runner_dir: runner.dir.clone(),
             disk_limit_mb: config.disk_limit_mb,
             resolv_conf: spec.network_access.then(|| shared.network.resolv_conf()),
             env: lower.env,
+            secret: file.secret,
         };
         runner.launch(&setup)?;
         if spec.network_access {
@@ -157,6 +162,49 @@ impl SandboxRunner {
             attachment,
         });
         Ok(())
+    }
+
+    /// Takes back the runner an earlier server left in its directory: its init must be alive
+    /// and prove itself (see `reattach`); its uid slot is reserved again.
+    pub(super) fn adopt(shared: &Arc<Shared>, id: &RunnerId, spec: &RunnerSpec) -> Result<Self> {
+        if spec.network_access {
+            // Its interface and port forwarder belonged to the server that ended.
+            return Err(Error::Internal(format!(
+                "runner {id} has network access, which is not taken back yet"
+            )));
+        }
+        let dir = shared.dir.join(id.as_str());
+        let file = RunnerFile::load(&dir)?;
+        let expected = shared.config.uid_base + file.slot * IDS_PER_RUNNER;
+        if file.uid != expected {
+            return Err(Error::Internal(format!(
+                "runner {id} has uid {}, uid_base now gives {expected}",
+                file.uid
+            )));
+        }
+        let suffix = format!("/{}/{}", shared.config.cgroup_name, id.as_str());
+        let (exec, exec_theirs) = protocol::socketpair()?;
+        let control = reattach::connect(&dir, &file, &suffix, &exec_theirs)
+            .map_err(|err| Error::internal(&format!("cannot reach runner {id}"), err))?;
+        drop(exec_theirs);
+        rustix::net::sockopt::set_socket_timeout(&exec, Timeout::Send, Some(SETUP_TIMEOUT))
+            .map_err(io::Error::from)?;
+        shared.reserve_slot(file.slot);
+        let runner = SandboxRunner {
+            id: id.clone(),
+            shared: shared.clone(),
+            slot: file.slot,
+            dir,
+            group: Arc::new(shared.cgroups.group(id.as_str())),
+            control: OnceLock::new(),
+            exec: OnceLock::new(),
+            launcher: Mutex::new(None),
+            net: Mutex::new(None),
+            destroyed: AtomicBool::new(false),
+        };
+        let _ = runner.control.set(control);
+        let _ = runner.exec.set(exec);
+        Ok(runner)
     }
 
     /// Starts the agent and waits until it reports the runner ready.
@@ -215,9 +263,10 @@ impl SandboxRunner {
 
     /// Ends the agent and waits for its launcher; kills by cgroup if that takes too long.
     fn end_agent(&self) {
-        for socket in [self.control.get(), self.exec.get()].into_iter().flatten() {
-            let _ = rustix::net::shutdown(socket, Shutdown::Both);
+        if let Some(control) = self.control.get() {
+            let _ = protocol::send_record(control.as_fd(), reattach::END, &[]);
         }
+        self.detach();
         let Some(mut launcher) = self.launcher.lock().unwrap().take() else {
             return;
         };
@@ -231,6 +280,14 @@ impl SandboxRunner {
             let _ = launcher.kill();
         }
         let _ = launcher.wait();
+    }
+
+    /// Closes the server's sockets without `end`: the init detaches and waits for the next
+    /// server; running executions end with their operation sockets.
+    fn detach(&self) {
+        for socket in [self.control.get(), self.exec.get()].into_iter().flatten() {
+            let _ = rustix::net::shutdown(socket, Shutdown::Both);
+        }
     }
 }
 
@@ -341,12 +398,22 @@ impl Runner for SandboxRunner {
             );
             return;
         }
+        for name in [reattach::CONTROL_SOCKET, reattach::RUNNER_FILE] {
+            let _ = fs::remove_file(self.dir.join(name));
+        }
         if let Err(err) = fs::remove_dir(&self.dir)
             && err.kind() != io::ErrorKind::NotFound
         {
             log::warn!("sandbox: cannot remove {}: {err}", self.dir.display());
         }
         self.shared.give_slot(self.slot);
+    }
+
+    fn suspend(&self) {
+        // Stays alive for the next server; this one forgets it without destroying it.
+        if !self.destroyed.swap(true, Ordering::SeqCst) {
+            self.detach();
+        }
     }
 }
 

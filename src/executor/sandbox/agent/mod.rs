@@ -6,8 +6,10 @@
 //! ipc, net, pid and cgroup namespaces, forks the runner's init and waits for it. The init
 //! (pid 1 of the runner) builds the root file system, enters the user namespace as root inside,
 //! reports ready and then serves operations: one forked child per operation socket received,
-//! so concurrent operations need no lock. When the control socket closes, init exits and the
-//! kernel ends every process of the runner.
+//! so concurrent operations need no lock. On an `end` record the init exits and the kernel
+//! ends every process of the runner. When the control socket closes without one (the server
+//! stopped or died), the init detaches: running executions end with their operation sockets,
+//! and the runner waits on its listener for the next server (see `reattach`).
 
 mod command;
 mod exec;
@@ -50,10 +52,9 @@ struct Context {
 
 /// Runs the agent. Returns the exit code.
 ///
-/// The runner ends when the server closes its end of the control socket, which the kernel also
-/// does when the server dies: the init then exits and takes the runner with it. The launcher
-/// has no parent death signal, because that signal follows the *thread* that spawned it, and a
-/// runner must not die with, say, a short-lived thread of a test harness.
+/// The runner ends when the server sends `end` or kills its cgroup; it outlives the server
+/// otherwise. The launcher has no parent death signal: the runner must not die with the
+/// server (nor with, say, a short-lived thread of a test harness that spawned it).
 pub(super) fn main() -> i32 {
     let Ok(control) = take_control_socket() else {
         return 1;
@@ -62,18 +63,18 @@ pub(super) fn main() -> i32 {
         let _ = protocol::send_reply(control.as_fd(), &Reply::Failed(message), &[]);
         1
     };
-    let (setup, userns, exec) = match launch(&control) {
+    let (setup, userns, exec, listener) = match launch(&control) {
         Ok(launched) => launched,
         Err(message) => return fail(message),
     };
     match sys::fork() {
         Err(err) => fail(format!("cannot fork the init: {err}")),
-        Ok(Forked::Child) => init(&control, &exec, &setup, userns),
+        Ok(Forked::Child) => init(control, exec, &listener, &setup, userns),
         Ok(Forked::Parent(pid)) => {
             // The launcher only waits: the init alone holds the runner's ends of the sockets,
             // and no process of a runner stays host root (the runner's base uid is unused on
             // the host).
-            drop((control, userns, exec));
+            drop((control, userns, exec, listener));
             let _ = rootfs::become_user(setup.uid_base, setup.uid_base);
             wait_for(pid);
             0
@@ -92,9 +93,9 @@ fn take_control_socket() -> std::io::Result<OwnedFd> {
 }
 
 /// The launcher stage up to forking the init: reads the setup (with the execution socket),
-/// joins the cgroups, creates the user namespace and unshares the others (the init will be
-/// pid 1 of the new pid namespace).
-fn launch(control: &OwnedFd) -> Result<(Setup, OwnedFd, OwnedFd), String> {
+/// listens for later servers, joins the cgroups, creates the user namespace and unshares the
+/// others (the init will be pid 1 of the new pid namespace).
+fn launch(control: &OwnedFd) -> Result<(Setup, OwnedFd, OwnedFd, OwnedFd), String> {
     let mut buf = vec![0; protocol::MAX_RECORD];
     let (len, mut fds) = protocol::recv_record(control.as_fd(), &mut buf, 1, false)
         .map_err(|err| format!("cannot read the setup: {err}"))?;
@@ -103,6 +104,8 @@ fn launch(control: &OwnedFd) -> Result<(Setup, OwnedFd, OwnedFd), String> {
         .ok_or("the setup came without the execution socket")?;
     let setup: Setup =
         serde_json::from_slice(&buf[..len]).map_err(|err| format!("invalid setup: {err}"))?;
+    let listener = super::reattach::bind(&setup.runner_dir)
+        .map_err(|err| format!("cannot listen in {}: {err}", setup.runner_dir.display()))?;
     let me = rustix::process::getpid().as_raw_nonzero().to_string();
     for procs in &setup.cgroup_procs {
         fs::write(procs, &me).map_err(|err| format!("cannot join {}: {err}", procs.display()))?;
@@ -115,7 +118,7 @@ fn launch(control: &OwnedFd) -> Result<(Setup, OwnedFd, OwnedFd), String> {
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWCGROUP;
     sys::unshare_namespaces(namespaces).map_err(|err| format!("cannot unshare: {err}"))?;
-    Ok((setup, userns, exec))
+    Ok((setup, userns, exec, listener))
 }
 
 /// Creates the runner's user namespace, mapping uids and gids 0..65536 inside to
@@ -158,7 +161,13 @@ fn wait_for(pid: Pid) {
 }
 
 /// The init stage: pid 1 of the runner. Returns the exit code.
-fn init(control: &OwnedFd, exec: &OwnedFd, setup: &Setup, userns: OwnedFd) -> i32 {
+fn init(
+    control: OwnedFd,
+    exec: OwnedFd,
+    listener: &OwnedFd,
+    setup: &Setup,
+    userns: OwnedFd,
+) -> i32 {
     // The launcher waits for us; if it is killed, so are we (and with us the runner).
     let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
     let context = match prepare(setup, userns) {
@@ -168,10 +177,15 @@ fn init(control: &OwnedFd, exec: &OwnedFd, setup: &Setup, userns: OwnedFd) -> i3
             return 1;
         }
     };
+    if let Err(err) = super::reattach::listen(listener) {
+        let message = format!("cannot listen for later servers: {err}");
+        let _ = protocol::send_reply(control.as_fd(), &Reply::Failed(message), &[]);
+        return 1;
+    }
     if protocol::send_reply(control.as_fd(), &Reply::Ready, &[]).is_err() {
         return 1;
     }
-    serve(control, exec, &context)
+    serve(Some((control, exec)), listener, &setup.secret, &context)
 }
 
 /// Builds the runner and becomes root inside its user namespace.
@@ -207,31 +221,47 @@ fn prepare(setup: &Setup, userns: OwnedFd) -> Result<Context, String> {
     })
 }
 
-/// Serves operations until the control socket closes. File operations arrive on the control
+/// Serves operations until the server sends `end`. File operations arrive on the control
 /// socket; executions on the execution socket, where the spare reaper waits and takes them
 /// itself (one process wake-up less on the way to a command). The init watches the spare: when
 /// it reports that it took an execution, the next spare is prepared; when it died without, the
-/// init serves executions itself until the next one has been served.
-fn serve(control: &OwnedFd, exec: &OwnedFd, context: &Context) -> i32 {
+/// init serves executions itself until the next one has been served. While no server is
+/// attached, only the listener is watched.
+fn serve(
+    mut attached: Option<(OwnedFd, OwnedFd)>,
+    listener: &OwnedFd,
+    secret: &str,
+    context: &Context,
+) -> i32 {
     // Operation children are reaped by the kernel; the init never waits for them.
     sys::ignore_children(true);
-    let mut spare = exec::Spare::start(context, exec).ok();
+    let mut spare = attached
+        .as_ref()
+        .and_then(|(_, exec)| exec::Spare::start(context, exec).ok());
     loop {
-        let watched = spare.as_ref().map_or(exec.as_fd(), exec::Spare::link);
-        let mut fds = [
-            PollFd::new(control, PollFlags::IN),
-            PollFd::new(&watched, PollFlags::IN),
-        ];
-        match rustix::event::poll(&mut fds, None) {
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return 1,
-            Ok(_) => {}
+        let (control_ready, watched_ready, listener_ready) =
+            match wait(attached.as_ref(), spare.as_ref(), listener) {
+                Ok(ready) => ready,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => return 1,
+            };
+        if listener_ready && let Some(new) = super::reattach::accept(listener, secret) {
+            // A server took the runner (back): its sockets replace any old ones.
+            spare = exec::Spare::start(context, &new.1).ok();
+            attached = Some(new);
+            continue;
         }
-        let (control_ready, watched_ready) =
-            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+        let Some((control, exec)) = attached.as_ref() else {
+            continue;
+        };
         if control_ready {
             match receive(control) {
                 Incoming::End => return 0,
+                Incoming::Detached => {
+                    attached = None;
+                    spare = None;
+                    continue;
+                }
                 Incoming::Operation(op) => files(op, context),
                 Incoming::Nothing => {}
             }
@@ -247,7 +277,9 @@ fn serve(control: &OwnedFd, exec: &OwnedFd, context: &Context) -> i32 {
                     .flatten()
             }
             None => match receive(exec) {
-                Incoming::End => return 0,
+                Incoming::End | Incoming::Detached => {
+                    attached = None;
+                }
                 Incoming::Operation(op) => {
                     exec::serve_new(op, context);
                     spare = exec::Spare::start(context, exec).ok();
@@ -258,12 +290,33 @@ fn serve(control: &OwnedFd, exec: &OwnedFd, context: &Context) -> i32 {
     }
 }
 
+/// Polls the attached server's sockets (the control socket and the spare's link or the
+/// execution socket) and the listener: which of them are ready.
+fn wait(
+    attached: Option<&(OwnedFd, OwnedFd)>,
+    spare: Option<&exec::Spare>,
+    listener: &OwnedFd,
+) -> rustix::io::Result<(bool, bool, bool)> {
+    let mut fds = vec![PollFd::new(listener, PollFlags::IN)];
+    let watched;
+    if let Some((control, exec)) = attached {
+        watched = spare.map_or(exec.as_fd(), exec::Spare::link);
+        fds.push(PollFd::new(control, PollFlags::IN));
+        fds.push(PollFd::new(&watched, PollFlags::IN));
+    }
+    rustix::event::poll(&mut fds, None)?;
+    let ready = |i: usize| fds.get(i).is_some_and(|fd| !fd.revents().is_empty());
+    Ok((ready(1), ready(2), ready(0)))
+}
+
 /// What a socket of the server delivered.
 enum Incoming {
     /// An operation socket.
     Operation(OwnedFd),
-    /// End of file: the server closed the socket (or died).
+    /// The server asked the runner to end.
     End,
+    /// End of file: the server closed the socket (it stopped or died).
+    Detached,
     /// A record without a descriptor, or one that was refused.
     Nothing,
 }
@@ -271,11 +324,12 @@ enum Incoming {
 fn receive(socket: &OwnedFd) -> Incoming {
     let mut kind = [0; 16];
     match protocol::recv_record(socket.as_fd(), &mut kind, 1, false) {
-        Ok((0, _)) => Incoming::End,
+        Ok((0, _)) => Incoming::Detached,
+        Ok((len, _)) if &kind[..len] == super::reattach::END => Incoming::End,
         Ok((_, mut fds)) => fds.pop().map_or(Incoming::Nothing, Incoming::Operation),
         Err(err) if err.kind() == std::io::ErrorKind::Other => Incoming::Nothing,
         Err(err) if err.kind() == std::io::ErrorKind::Interrupted => Incoming::Nothing,
-        Err(_) => Incoming::End,
+        Err(_) => Incoming::Detached,
     }
 }
 

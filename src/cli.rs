@@ -103,6 +103,10 @@ pub struct Cli {
     /// sandbox.pids_limit: most processes per runner [default: 512].
     #[arg(long, env = "POSEIDON_SANDBOX_PIDS_LIMIT")]
     pub pids_limit: Option<u32>,
+    /// sandbox.total_pids_limit: most processes of all runners together; 0 = half the
+    /// kernel's pid_max [default: 0].
+    #[arg(long, env = "POSEIDON_SANDBOX_TOTAL_PIDS_LIMIT")]
+    pub total_pids_limit: Option<u64>,
     /// sandbox.disk_limit_mb: size of a runner's writable layer in MiB [default: 256].
     #[arg(long, env = "POSEIDON_SANDBOX_DISK_LIMIT_MB")]
     pub disk_limit_mb: Option<u64>,
@@ -342,6 +346,7 @@ impl Cli {
         sandbox.images.extend(self.images);
         set_some(&mut sandbox.agent, self.agent);
         set(&mut sandbox.pids_limit, self.pids_limit);
+        set(&mut sandbox.total_pids_limit, self.total_pids_limit);
         set(&mut sandbox.disk_limit_mb, self.disk_limit_mb);
         set(
             &mut sandbox.default_memory_limit_mb,

@@ -197,6 +197,8 @@ pub struct SandboxConfig {
     pub agent: Option<PathBuf>,
     /// Most processes per runner.
     pub pids_limit: u32,
+    /// Most processes of all runners together (0 = half the kernel's `pid_max`).
+    pub total_pids_limit: u64,
     /// Size of a runner's writable layer in MiB.
     pub disk_limit_mb: u64,
     /// Memory limit in MiB for environments that set none (0 = unlimited). The default,
@@ -219,6 +221,7 @@ impl Default for SandboxConfig {
             images: BTreeMap::new(),
             agent: None,
             pids_limit: 512,
+            total_pids_limit: 0,
             disk_limit_mb: 256,
             default_memory_limit_mb: DEFAULT_MEMORY_LIMIT_MB,
             cpu_hard_limit: false,

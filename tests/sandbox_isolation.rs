@@ -361,3 +361,43 @@ fn a_runner_without_a_memory_limit_gets_the_safe_default() {
     let default = poseidon_lite::config::DEFAULT_MEMORY_LIMIT_MB;
     assert_eq!(memory, (default << 20).to_string());
 }
+
+#[test]
+fn all_runners_together_have_a_process_limit() {
+    let Some(test) = TestExecutor::new() else {
+        return;
+    };
+    let pid_max: u64 = fs::read_to_string("/proc/sys/kernel/pid_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pids_parent = test
+        .cgroup_dirs()
+        .into_iter()
+        .find(|dir| dir.join("pids.max").exists())
+        .expect("the executor's pids group");
+    let total = fs::read_to_string(pids_parent.join("pids.max")).unwrap();
+    assert_eq!(total.trim(), (pid_max / 2).to_string());
+    drop(test);
+    // A configured total holds for the runners together: two runners of 64 processes each
+    // cannot have more than 40 between them.
+    let Some(test) = TestExecutor::with(|config| {
+        config.sandbox.pids_limit = 64;
+        config.sandbox.total_pids_limit = 40;
+    }) else {
+        return;
+    };
+    let (one, two) = (test.runner(), test.runner());
+    // perl's fork fails at once at the limit (bash's retries for half a minute).
+    let hold = "perl -e 'for (1..30) { if (fork() == 0) { sleep 1000; exit } } \
+                print qq(up\\n); sleep 1000'";
+    let mut first = start(&*one, hold, false);
+    first.wait_for_output("up");
+    let count = "perl -e 'my $n = 0; for (1..30) { my $p = fork(); last unless defined $p; \
+                 if ($p == 0) { sleep 1000; exit } $n++ } print $n'";
+    let second = run(&*two, count);
+    let started: u32 = second.stdout.trim().parse().unwrap_or(99);
+    assert!(started < 30, "{second:?}");
+    first.kill.kill();
+}

@@ -1,6 +1,7 @@
 //! Cgroups of runners: detecting v1 or v2 at start-up, one group per runner with its memory,
 //! pids and cpu limits, counting OOM kills, killing every process of a group and removing it.
-//! Only groups under `<controller>/<cgroup_name>/` are ever created, written or removed.
+//! Only groups under `<controller>/<cgroup_name>/` are ever created, written or removed; the
+//! executor's own group carries a pids limit over all its runners together.
 
 use std::{
     fs, io,
@@ -152,11 +153,16 @@ impl Cgroups {
         parents
     }
 
-    /// Creates the executor's own groups (and on v2 enables the controllers for runners).
-    pub fn prepare(&self) -> io::Result<()> {
+    /// Creates the executor's own groups (and on v2 enables the controllers for runners), with
+    /// at most `total_pids` processes in all runners together.
+    pub fn prepare(&self, total_pids: u64) -> io::Result<()> {
         for parent in self.parents() {
             fs::create_dir_all(&parent)?;
         }
+        let pids_parent = match &self.layout {
+            Layout::V1 { pids, .. } => pids.join(&self.name),
+            Layout::V2 { root, .. } => root.join(&self.name),
+        };
         if let Layout::V2 { root, cpu } = &self.layout {
             let controllers = if *cpu {
                 "+memory +pids +cpu"
@@ -166,7 +172,7 @@ impl Cgroups {
             enable_controllers(root, controllers)?;
             enable_controllers(&root.join(&self.name), controllers)?;
         }
-        Ok(())
+        write(&pids_parent, "pids.max", total_pids)
     }
 
     /// Creates a runner's group with its limits.
@@ -255,15 +261,37 @@ impl Group {
             .collect()
     }
 
-    /// Sends SIGKILL to every process in the group (pids reported by the kernel, so they are
-    /// current; new forks are caught by repeating until the group is empty).
+    /// Sends SIGKILL to every process in the group (new forks are caught by repeating until
+    /// the group is empty). A pid read from `cgroup.procs` may belong to another process by
+    /// the time it is signalled (the one listed exited and its pid was reused): each is opened
+    /// as a pidfd first and signalled only if that very process is still in the group.
     pub fn kill_all(&self) {
         if self.v2 && write(&self.dirs[0], "cgroup.kill", 1).is_ok() {
             return;
         }
+        let path = self.relative_path();
         for pid in self.pids() {
-            let _ = rustix::process::kill_process(pid, Signal::KILL);
+            let Ok(pidfd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+            else {
+                continue;
+            };
+            let cgroups = fs::read_to_string(format!("/proc/{}/cgroup", pid.as_raw_nonzero()))
+                .unwrap_or_default();
+            // `hierarchy:controllers:path` lines; the path names the runner uniquely.
+            if cgroups
+                .lines()
+                .any(|line| line.rsplit(':').next() == Some(&path))
+            {
+                let _ = rustix::process::pidfd_send_signal(&pidfd, Signal::KILL);
+            }
         }
+    }
+
+    /// The group's path below the hierarchy's root, as `/proc/<pid>/cgroup` shows it.
+    fn relative_path(&self) -> String {
+        let dir = &self.dirs[0];
+        let parent = dir.parent().and_then(Path::file_name).unwrap_or_default();
+        format!("/{}/{}", parent.to_string_lossy(), self.runner().display())
     }
 
     /// Kills what is left and removes the group's directories, waiting for dying processes.

@@ -74,7 +74,7 @@ impl SandboxExecutor {
         let network = Network::new(config)?;
         let cgroups = Cgroups::detect(&sandbox.cgroup_name).map_err(unavailable)?;
         cgroups
-            .prepare()
+            .prepare(total_pids_limit(sandbox))
             .map_err(|err| unavailable(format!("cannot create the sandbox cgroups: {err}")))?;
         let dir = config.state.dir.join("sandbox");
         fs::create_dir_all(&dir)
@@ -157,6 +157,19 @@ impl SandboxExecutor {
             other => Err(Error::Internal(format!("`true` ended with {other:?}"))),
         }
     }
+}
+
+/// The pids limit over all runners: configured, or half of the kernel's `pid_max`, so that
+/// runners together can never take every process slot of the host.
+fn total_pids_limit(sandbox: &SandboxConfig) -> u64 {
+    if sandbox.total_pids_limit > 0 {
+        return sandbox.total_pids_limit;
+    }
+    let pid_max = fs::read_to_string("/proc/sys/kernel/pid_max").unwrap_or_default();
+    pid_max
+        .trim()
+        .parse::<u64>()
+        .map_or(16_384, |max| (max / 2).max(1))
 }
 
 /// Uid ranges to reserve: twice the capacity (runners being destroyed still hold theirs while

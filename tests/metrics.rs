@@ -1,6 +1,7 @@
 //! Prometheus metrics: a scripted session over the API, then a scrape whose counters must
 //! match what the session did.
 
+mod image_support;
 mod support;
 
 use std::{
@@ -174,4 +175,50 @@ fn a_separate_address_serves_metrics_without_the_token() {
         server.request_with("GET", "/metrics", None, None).status,
         401
     );
+}
+
+#[test]
+fn image_pulls_are_counted_while_in_progress_and_when_done() {
+    use image_support::{Image, Layer, Registry, build::busybox_layer, token::TokenFront};
+    if !image_support::isolate_network() {
+        return;
+    }
+    let registry = Registry::start();
+    let marker = Layer::builder().file("etc/marker", b"m\n").gzip();
+    let image = Image::new(vec![busybox_layer(), marker], &["PATH=/bin"]);
+    registry.push("course/counted", "1", &image);
+    let layers = image.layers.iter().map(|l| l.digest.clone()).collect();
+    // The registry holds the layers back until the test opens it.
+    let mut front = TokenFront::gated(registry.url(), layers);
+    let server = TestServer::start_with(|config| {
+        config.runner.executor = poseidon_lite::config::ExecutorKind::Sandbox;
+        config.images.offline = false;
+    });
+    let body = json!({"image": format!("{}/course/counted:1", front.host), "prewarmingPoolSize": 1,
+        "cpuLimit": 20, "memoryLimit": 256, "networkAccess": false, "exposedPorts": []});
+    let answer = server.send("PUT", "/execution-environments/1", &body);
+    assert_eq!(answer.status, 201, "{}", answer.text());
+    let text = scrape(&server);
+    assert_eq!(sample(&text, "poseidon_image_pulls_in_progress"), 1.0);
+    assert_eq!(
+        sample(&text, "poseidon_image_pulls_total{result=\"ok\"}"),
+        0.0
+    );
+    front.open();
+    server.wait_idle(1, 1);
+    let text = scrape(&server);
+    assert_eq!(sample(&text, "poseidon_image_pulls_in_progress"), 0.0);
+    assert_eq!(
+        sample(&text, "poseidon_image_pulls_total{result=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, "poseidon_image_pulls_total{result=\"failed\"}"),
+        0.0
+    );
+    assert_eq!(
+        sample(&text, "poseidon_image_pull_duration_seconds_count"),
+        1.0
+    );
+    assert!(sample(&text, "poseidon_image_pull_bytes_total") > 0.0);
 }

@@ -212,4 +212,6 @@ pub trait Executor: Send + Sync + fmt::Debug {
     /// Called once at a clean exit, after every runner has ended: undoes what the executor
     /// changed on the host.
     fn shutdown(&self) {}
+    /// Hands the executor the server's metrics, for what only it sees (image pulls).
+    fn attach_metrics(&self, _metrics: &Arc<crate::metrics::Metrics>) {}
 }

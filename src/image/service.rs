@@ -5,7 +5,7 @@
 use std::{
     collections::HashMap,
     path::PathBuf,
-    sync::{Arc, Condvar, Mutex},
+    sync::{Arc, Condvar, Mutex, OnceLock},
     thread,
     time::{Duration, Instant},
 };
@@ -15,7 +15,10 @@ use super::{
     registry::{Client, RegistryConfig},
     store::{Pin, Progress, RefEntry},
 };
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    metrics::{Metrics, PullGuard},
+};
 
 /// What the server's image handling needs from the configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,6 +39,8 @@ pub struct Images {
     offline: bool,
     state: Mutex<State>,
     changed: Condvar,
+    /// The server's metrics: pulls in progress and their results.
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
 #[derive(Debug, Default)]
@@ -73,7 +78,13 @@ impl Images {
             offline: settings.offline,
             state: Mutex::default(),
             changed: Condvar::new(),
+            metrics: OnceLock::new(),
         }))
+    }
+
+    /// Counts pulls in the server's metrics from now on.
+    pub fn attach_metrics(&self, metrics: &Arc<Metrics>) {
+        let _ = self.metrics.set(Arc::clone(metrics));
     }
 
     /// The store.
@@ -118,16 +129,17 @@ impl Images {
         }
         log::info!("pulling image {full} (manifest {})", entry.manifest);
         let images = Arc::clone(self);
+        let counted = self.metrics.get().map(|m| m.image_pull_started(&full));
         let spawned = thread::Builder::new()
             .name(format!("pull-{}", entry.image.short()))
-            .spawn(move || images.finish_pull(&full, &remote));
+            .spawn(move || images.finish_pull(&full, &remote, counted));
         if let Err(e) = spawned {
             return Err(Error::internal("cannot start a pull", e));
         }
         Ok(())
     }
 
-    fn finish_pull(&self, full: &str, remote: &pull::Remote) {
+    fn finish_pull(&self, full: &str, remote: &pull::Remote, counted: Option<PullGuard>) {
         let started = Instant::now();
         let mut log_progress = |p: &Progress| {
             if p.unpacked {
@@ -150,6 +162,10 @@ impl Images {
             }
         };
         let result = pull::install(&self.store, &self.client, remote, &mut log_progress);
+        if let Some(counted) = counted {
+            let outcome = result.as_ref().map(|image| image.size);
+            counted.finish(outcome.map_err(|e| format!("{full}: {e}")));
+        }
         let mut state = self.state.lock().unwrap();
         let waiting = match state.pulls.remove(full) {
             Some(Pull::Running(envs)) => envs,

@@ -73,6 +73,8 @@ impl Manager {
         capacity: usize,
     ) -> std::io::Result<Manager> {
         let store = Arc::new(store);
+        let metrics = Arc::new(Metrics::default());
+        executor.attach_metrics(&metrics);
         let records = match executor.adopts() {
             true => Some(RecordWriter::spawn(Arc::clone(&store))?),
             false => None,
@@ -85,7 +87,7 @@ impl Manager {
             store,
             records,
             store_lock: Mutex::new(()),
-            metrics: Arc::default(),
+            metrics,
             timer,
             jobs,
             capacity,

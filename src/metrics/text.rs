@@ -243,7 +243,7 @@ fn images(out: &mut Exposition, metrics: &Metrics) {
     out.family(
         "poseidon_image_pull_bytes_total",
         "counter",
-        "Bytes fetched by successful image pulls.",
+        "Size of the images pulled successfully.",
     );
     let bytes = metrics.pull_bytes.load(Ordering::Relaxed);
     out.sample("poseidon_image_pull_bytes_total", &[], bytes);

@@ -305,6 +305,12 @@ impl Executor for SandboxExecutor {
         "sandbox"
     }
 
+    fn attach_metrics(&self, metrics: &Arc<crate::metrics::Metrics>) {
+        if let Some(images) = &self.shared.images {
+            images.attach_metrics(metrics);
+        }
+    }
+
     fn check_image(&self, environment: EnvironmentId, image: &str) -> Result<()> {
         self.shared.resolver().check(environment, image)
     }

@@ -6,7 +6,10 @@ use std::{net::IpAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, ExecutorKind};
+use crate::{
+    config::{Config, ExecutorKind},
+    image::commands::ImageCommand,
+};
 
 /// poseidon-lite: a single-host runner management server speaking Poseidon's API for CodeOcean.
 ///
@@ -15,7 +18,8 @@ use crate::config::{Config, ExecutorKind};
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 pub struct Cli {
-    /// Instead of serving: a command (see `poseidon-lite help environments`).
+    /// Instead of serving: a command (see `poseidon-lite help environments`, `poseidon-lite
+    /// help image`).
     #[command(subcommand)]
     pub command: Option<Command>,
 
@@ -264,6 +268,9 @@ pub enum Command {
     /// Poseidon on a Nomad cluster, or another poseidon-lite).
     #[command(subcommand)]
     Environments(EnvironmentsCommand),
+    /// The image store in the state directory (safe while the server runs).
+    #[command(subcommand)]
+    Image(ImageArgs),
 }
 
 /// `environments …`.
@@ -293,6 +300,43 @@ pub enum EnvironmentsCommand {
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
     },
+}
+
+/// `poseidon-lite image …`
+#[derive(Debug, Subcommand)]
+pub enum ImageArgs {
+    /// Import an image: an OCI image layout (directory or tar) or a `docker save` archive,
+    /// optionally .gz or .zst compressed; `-` reads stdin.
+    Import {
+        /// The archive or layout directory.
+        file: PathBuf,
+        /// Store it under this name [default: the names the archive gives].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Pull an image from its registry (or a mirror).
+    Pull {
+        /// The image name as Docker writes it, e.g. openhpi/co_execenv_python:3.8.
+        name: String,
+    },
+    /// List the stored images.
+    Ls,
+    /// Remove an image name (refused while an environment uses the image).
+    Rm {
+        /// The image name.
+        name: String,
+    },
+}
+
+impl From<ImageArgs> for ImageCommand {
+    fn from(args: ImageArgs) -> ImageCommand {
+        match args {
+            ImageArgs::Import { file, name } => ImageCommand::Import { file, name },
+            ImageArgs::Pull { name } => ImageCommand::Pull { name },
+            ImageArgs::Ls => ImageCommand::Ls,
+            ImageArgs::Rm { name } => ImageCommand::Rm { name },
+        }
+    }
 }
 
 fn parse_alias(text: &str) -> Result<(String, String), String> {
@@ -459,6 +503,38 @@ mod tests {
             ["http://127.0.0.1:5000", "https://mirror.example"]
         );
         assert_eq!(config.images.insecure_registries, ["registry.lan:5000"]);
+    }
+
+    #[test]
+    fn image_commands_take_the_global_settings() {
+        let mut cli = Cli::try_parse_from([
+            "poseidon-lite",
+            "image",
+            "import",
+            "x.tar.zst",
+            "--name",
+            "a/b:1",
+            "--state-dir",
+            "/srv/state",
+        ])
+        .unwrap();
+        let command = cli.command.take();
+        assert_eq!(
+            cli.into_config().unwrap().state.dir,
+            PathBuf::from("/srv/state")
+        );
+        let Some(Command::Image(args)) = command else {
+            panic!("no image command");
+        };
+        assert_eq!(
+            ImageCommand::from(args),
+            ImageCommand::Import {
+                file: "x.tar.zst".into(),
+                name: Some("a/b:1".into())
+            }
+        );
+        let cli = Cli::try_parse_from(["poseidon-lite", "--port", "0"]).unwrap();
+        assert!(cli.command.is_none(), "no command: the server");
     }
 
     #[test]

@@ -33,6 +33,12 @@ fn run() -> Result<(), String> {
     if let Some(Command::Environments(command)) = command {
         return environments(&config, command);
     }
+    if let Some(Command::Image(args)) = command {
+        // Warnings only: the command reports its own progress and result.
+        env_logger::Builder::new().parse_filters("warn").init();
+        let settings = config.images.settings();
+        return poseidon_lite::image::commands::run(&args.into(), &config.state.dir, &settings);
+    }
     env_logger::Builder::new()
         .parse_filters(&config.logger.level)
         .format_timestamp_micros()

@@ -8,7 +8,12 @@ mod support;
 
 use std::time::Duration;
 
-use image_support::{Image, Layer, Registry, build::busybox_layer, token::TokenFront};
+use image_support::{
+    Image, Layer, Registry,
+    archives::{docker_save, oci_layout, tar_of, zstd},
+    build::busybox_layer,
+    token::TokenFront,
+};
 use poseidon_lite::config::ExecutorKind;
 use serde_json::json;
 use support::TestServer;
@@ -219,4 +224,62 @@ fn an_image_home_symlink_cannot_make_the_server_create_host_directories() {
         0,
         "nothing created on the host"
     );
+}
+
+#[test]
+fn imported_images_are_used_by_name_on_an_offline_server() {
+    if !image_support::isolate_network() {
+        return;
+    }
+    let files = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let store = || {
+        poseidon_lite::image::Store::open(state.path(), poseidon_lite::image::Limits::default())
+            .unwrap()
+    };
+    // An OCI archive, imported before the server starts.
+    let layout = files.path().join("layout");
+    oci_layout(&layout, &course_image("oci archive\n"), json!({}));
+    let archive = files.path().join("oci.tar");
+    std::fs::write(&archive, tar_of(&layout)).unwrap();
+    poseidon_lite::image::import::import(
+        &store(),
+        &archive,
+        Some("openhpi/co_execenv_oci:1"),
+        &mut |_| {},
+    )
+    .unwrap();
+    let server = server_in(state, |config| config.images.offline = true);
+    assert_eq!(put(&server, 1, "openhpi/co_execenv_oci:1", 1).status, 201);
+    // A docker save archive, imported while the server runs.
+    let saved = files.path().join("saved.tar.zst");
+    std::fs::write(
+        &saved,
+        zstd(&docker_save(
+            &course_image("docker save\n"),
+            &["openhpi/co_execenv_saved:1"],
+            false,
+        )),
+    )
+    .unwrap();
+    let store = poseidon_lite::image::Store::open(
+        server.state.path(),
+        poseidon_lite::image::Limits::default(),
+    )
+    .unwrap();
+    poseidon_lite::image::import::import(&store, &saved, None, &mut |_| {}).unwrap();
+    assert_eq!(put(&server, 2, "openhpi/co_execenv_saved:1", 1).status, 201);
+    let unknown = put(&server, 3, "openhpi/co_execenv_missing:1", 1);
+    assert_eq!(
+        unknown.status, 400,
+        "offline: an image not in the store is unknown"
+    );
+    for (env, content) in [(1, "oci archive"), (2, "docker save")] {
+        server.wait_idle(env, 1);
+        let runner = server.runner(env, 0);
+        let seen = server
+            .run(&runner, "cat /etc/image-marker; echo $IMAGE_VAR; id -u")
+            .stdout;
+        assert_eq!(seen, format!("{content}\r\nfrom-image\r\n1001\r\n"));
+    }
 }

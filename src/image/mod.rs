@@ -2,7 +2,10 @@
 //! client, a content-addressed store under the state directory, safe unpacking of layers and
 //! import of image archives.
 
+pub mod archive;
+pub mod commands;
 pub mod digest;
+pub mod import;
 pub mod inroot;
 pub mod manifest;
 pub mod passwd;

@@ -146,6 +146,20 @@ impl Store {
         &self.dir
     }
 
+    /// The unpacking bounds.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// A fresh path in the staging area (for spooled archives); the caller removes it.
+    pub fn spool_path(&self) -> Result<PathBuf> {
+        let n = STAGING.fetch_add(1, Ordering::Relaxed);
+        Ok(self
+            .dir
+            .join("tmp")
+            .join(format!("{}-{n}-spool", std::process::id())))
+    }
+
     /// The unpacked root of image `id`.
     pub fn rootfs(&self, id: &Digest) -> PathBuf {
         self.dir.join("rootfs").join(id.hex()).join("root")
@@ -410,7 +424,9 @@ impl Store {
                 .and_then(|p| p.parse::<u32>().ok());
             let alive = pid.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
             if !alive {
-                fs::remove_dir_all(entry.path()).ok();
+                fs::remove_dir_all(entry.path())
+                    .or_else(|_| fs::remove_file(entry.path()))
+                    .ok();
             }
         }
     }

@@ -4,6 +4,7 @@
 //! challenge in front of the registry.
 #![allow(dead_code, unused_imports)]
 
+pub mod archives;
 pub mod build;
 pub mod registry;
 pub mod token;

@@ -19,7 +19,7 @@ use std::{
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 
-pub use route::Route;
+pub use route::{PREFIX, Route};
 
 use crate::{
     config::ServerConfig,

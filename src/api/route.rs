@@ -1,12 +1,25 @@
-//! Routes of `/api/v1`: method + path segments → [`Route`].
+//! Routes of `/api/v1`: method + path segments → [`Route`], and the paths the server hands
+//! out or calls itself.
 
 use crate::server::http::Method;
 
 use super::{App, Reply, Request, environments, runners};
 use crate::{
     error::{Error, Result},
-    id::EnvironmentId,
+    id::{EnvironmentId, ExecutionId, RunnerId},
 };
+
+/// The prefix of every API path.
+pub const PREFIX: &str = "/api/v1";
+
+/// The path and query of an execution's WebSocket, as [`Route::parse`] reads it back
+/// ([`Route::WebSocket`]).
+pub fn websocket_path(runner: &RunnerId, execution: ExecutionId) -> String {
+    format!("{PREFIX}/runners/{runner}/websocket?{EXECUTION_PARAMETER}={execution}")
+}
+
+/// The query parameter naming the execution of a WebSocket.
+pub const EXECUTION_PARAMETER: &str = "executionID";
 
 /// Every route of the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +60,10 @@ impl Route {
     /// Matches a request; unknown paths are [`Error::NotFound`], known paths with another
     /// method [`Error::MethodNotAllowed`].
     pub fn parse(method: &Method, path: &str) -> Result<Route> {
-        let rest = path.strip_prefix("/api/v1/").ok_or(Error::NotFound)?;
+        let rest = path
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .ok_or(Error::NotFound)?;
         let segments: Vec<&str> = rest.split('/').collect();
         // No route has empty segments (so `/runners/` and `//` are unknown, as in Poseidon).
         if segments.iter().any(|segment| segment.is_empty()) {
@@ -181,6 +197,19 @@ mod tests {
             parse(Method::Delete, "/api/v1/runners/9-a").unwrap(),
             Route::DeleteRunner("9-a".into())
         );
+    }
+
+    #[test]
+    fn websocket_paths_are_read_back() {
+        let runner = RunnerId::new(EnvironmentId(3));
+        let execution = ExecutionId::new();
+        let path = websocket_path(&runner, execution);
+        let (path, query) = path.split_once('?').unwrap();
+        assert_eq!(
+            Route::parse(&Method::Get, path).unwrap(),
+            Route::WebSocket(runner.to_string())
+        );
+        assert_eq!(query, format!("{EXECUTION_PARAMETER}={execution}"));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
-use super::{App, Reply, Request};
+use super::{App, Reply, Request, route};
 use crate::{
     dto::{self, ExecutionRequest, ExecutionResponse, RunnerRequest, RunnerResponse},
     error::{Error, Result},
@@ -192,17 +192,6 @@ fn pending_execution(body: ExecutionRequest) -> Result<PendingExecution> {
             "the command must not contain NUL characters",
         ));
     }
-    let size = body.command.len()
-        + body
-            .environment
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>();
-    if size > MAX_COMMAND_BYTES {
-        return Err(Error::bad_request(format!(
-            "command and environment exceed {MAX_COMMAND_BYTES} bytes"
-        )));
-    }
     let seconds = u64::try_from(body.time_limit)
         .map_err(|_| Error::bad_request("timeLimit must not be negative"))?;
     for (name, value) in &body.environment {
@@ -222,12 +211,18 @@ fn pending_execution(body: ExecutionRequest) -> Result<PendingExecution> {
             )));
         }
     }
+    let command = Command {
+        command: body.command,
+        environment: body.environment.into_iter().collect(),
+        privileged: body.privileged_execution,
+    };
+    if command.size() > MAX_COMMAND_BYTES {
+        return Err(Error::bad_request(format!(
+            "command and environment exceed {MAX_COMMAND_BYTES} bytes"
+        )));
+    }
     Ok(PendingExecution {
-        command: Command {
-            command: body.command,
-            environment: body.environment.into_iter().collect(),
-            privileged: body.privileged_execution,
-        },
+        command,
         time_limit: (seconds > 0).then(|| Duration::from_secs(seconds)),
     })
 }
@@ -235,7 +230,7 @@ fn pending_execution(body: ExecutionRequest) -> Result<PendingExecution> {
 /// The absolute WebSocket URL of an execution: the configured base, or the request's host
 /// with the WebSocket listener's port.
 fn websocket_url(app: &App, host: Option<&str>, id: &RunnerId, execution: ExecutionId) -> String {
-    let path = format!("/api/v1/runners/{id}/websocket?executionID={execution}");
+    let path = route::websocket_path(id, execution);
     if let Some(base) = &app.server.websocket_url {
         return format!("{}{path}", base.trim_end_matches('/'));
     }

@@ -18,9 +18,8 @@ use tungstenite::{
     protocol::{Role, WebSocketConfig},
 };
 
-use super::{App, session, token_matches};
+use super::{App, Reply, Route, error_reply, route, session, token_matches};
 use crate::{
-    dto::ClientError,
     error::{Error, Result},
     id::{ExecutionId, RunnerId},
     manager::StartedExecution,
@@ -135,15 +134,13 @@ fn upgrade_key(head: &Head) -> Result<String> {
     }
 }
 
-/// A plain HTTP answer for a refused handshake, with Poseidon's status and body; then closes.
+/// A plain HTTP answer for a refused handshake: the status and body the API answers with
+/// ([`error_reply`]); then closes.
 fn refuse(mut stream: TcpStream, err: &Error) {
-    let body = if err.has_empty_body() {
-        String::new()
-    } else {
-        serde_json::to_string(&ClientError {
-            message: &err.to_string(),
-        })
-        .unwrap_or_default()
+    let (status, body) = match error_reply(err) {
+        Reply::Json(status, body) => (status, body),
+        Reply::Empty(status) => (status, Vec::new()),
+        _ => (500, Vec::new()),
     };
     let headers: &[(&str, &str)] = if body.is_empty() {
         &[]
@@ -152,8 +149,8 @@ fn refuse(mut stream: TcpStream, err: &Error) {
     };
     let length = Length::Known(body.len() as u64);
     let mut answer = Vec::new();
-    let _ = write_head(&mut answer, err.status(), headers, length, false);
-    answer.extend_from_slice(body.as_bytes());
+    let _ = write_head(&mut answer, status, headers, length, false);
+    answer.extend_from_slice(&body);
     let _ = stream.write_all(&answer);
     let _ = stream.shutdown(Shutdown::Write);
     // Read what the client still sends for a moment, so that the answer is not lost to a reset.
@@ -163,12 +160,10 @@ fn refuse(mut stream: TcpStream, err: &Error) {
 
 /// Checks a handshake request and takes its execution.
 fn authorize(app: &App, head: &Head) -> Result<StartedExecution> {
-    let runner = head
-        .path()
-        .strip_prefix("/api/v1/runners/")
-        .and_then(|rest| rest.strip_suffix("/websocket"))
-        .filter(|runner| !runner.is_empty() && !runner.contains('/'))
-        .ok_or(Error::NotFound)?;
+    let runner = match Route::parse(&Method::Get, head.path()) {
+        Ok(Route::WebSocket(runner)) => runner,
+        _ => return Err(Error::NotFound),
+    };
     let token = head.header("poseidon-token").map(str::as_bytes);
     if !token_matches(&app.server, token) {
         return Err(Error::Unauthorized);
@@ -176,14 +171,14 @@ fn authorize(app: &App, head: &Head) -> Result<StartedExecution> {
     if !same_origin(head) {
         return Err(Error::Forbidden("request origin not allowed".into()));
     }
-    let id = RunnerId::parse(runner).ok_or_else(|| Error::UnknownRunner(runner.to_owned()))?;
+    let id = RunnerId::parse(&runner).ok_or(Error::UnknownRunner(runner))?;
     app.manager.check_runner(&id)?;
     let execution = head
         .target
         .split_once('?')
         .and_then(|(_, query)| {
             form_urlencoded::parse(query.as_bytes())
-                .find(|(key, _)| key == "executionID")
+                .find(|(key, _)| key == route::EXECUTION_PARAMETER)
                 .and_then(|(_, value)| ExecutionId::parse(&value))
         })
         .ok_or(Error::UnknownExecution)?;

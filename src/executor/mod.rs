@@ -79,6 +79,19 @@ pub struct Command {
     pub privileged: bool,
 }
 
+impl Command {
+    /// Bytes of the command line and the variables' names and values: what storing and
+    /// sending it costs, and what the API caps.
+    pub fn size(&self) -> usize {
+        self.command.len()
+            + self
+                .environment
+                .iter()
+                .map(|(name, value)| name.len() + value.len())
+                .sum::<usize>()
+    }
+}
+
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -88,6 +101,19 @@ pub enum Outcome {
     OomKilled,
     /// It ended without telling how (the runner vanished or it was killed).
     Lost,
+}
+
+impl Outcome {
+    /// A process killed by `signal`: 128 + the signal number, as shells report it.
+    pub fn signaled(signal: i32) -> Outcome {
+        Outcome::Exited(signal_exit_code(signal))
+    }
+}
+
+/// The exit code shells report for a death by `signal`: 128 + the signal number.
+pub fn signal_exit_code(signal: i32) -> u8 {
+    // Signal numbers are below 128; the clamp only keeps a bogus one from wrapping.
+    128 + signal.clamp(0, 127) as u8
 }
 
 /// Watches a running process for its end.

@@ -253,13 +253,12 @@ impl ExitWatch for PidfdWatch {
         self.kill.kill();
         rustix::process::waitid(leader(), options)?;
         self.kill.reaped.store(true, Ordering::SeqCst);
-        let code = match (status.exit_status(), status.terminating_signal()) {
-            (Some(code), _) => code,
-            (None, Some(signal)) => 128 + signal,
-            (None, None) => return Ok(Some(Outcome::Lost)),
-        };
-        Ok(Some(Outcome::Exited(
-            u8::try_from(code & 0xff).unwrap_or(255),
-        )))
+        Ok(Some(
+            match (status.exit_status(), status.terminating_signal()) {
+                (Some(code), _) => Outcome::Exited(u8::try_from(code & 0xff).unwrap_or(255)),
+                (None, Some(signal)) => Outcome::signaled(signal),
+                (None, None) => Outcome::Lost,
+            },
+        ))
     }
 }

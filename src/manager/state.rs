@@ -248,13 +248,7 @@ pub(super) struct PendingQueue {
 impl PendingQueue {
     /// Stores an execution, dropping the oldest ones beyond the limits.
     pub fn push(&mut self, id: ExecutionId, execution: PendingExecution) {
-        let size = execution.command.command.len()
-            + execution
-                .command
-                .environment
-                .iter()
-                .map(|(k, v)| k.len() + v.len())
-                .sum::<usize>();
+        let size = execution.command.size();
         self.entries.push_back((id, execution, size));
         self.bytes += size;
         while self.entries.len() > MAX_PENDING_EXECUTIONS || self.bytes > MAX_PENDING_BYTES {

@@ -192,7 +192,11 @@ impl Server {
             threads.push(named("metrics").spawn(move || scrape::serve(listener, app, flag))?);
             log::info!("metrics without token on http://{address}/metrics");
         }
-        log::info!("HTTP API listening on http://{}/api/v1", self.http_addr);
+        log::info!(
+            "HTTP API listening on http://{}{}",
+            self.http_addr,
+            api::PREFIX
+        );
         log::info!(
             "WebSocket executions listening on ws://{}",
             self.websocket_addr
@@ -291,7 +295,7 @@ impl ServerHandle {
 
     /// The API base URL, e.g. `http://127.0.0.1:7200/api/v1` (CodeOcean's `runner_management.url`).
     pub fn url(&self) -> String {
-        format!("http://{}/api/v1", self.http_addr)
+        format!("http://{}{}", self.http_addr, api::PREFIX)
     }
 
     /// The runner manager (for harnesses that inspect state).

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    executor::{ExitWatch, Kill, Outcome, Process},
+    executor::{ExitWatch, Kill, Outcome, Process, signal_exit_code},
 };
 
 /// How long the server waits for the agent to start an operation, accept a chunk or reply.
@@ -123,10 +123,12 @@ impl ExitWatch for SandboxExit {
         };
         let oom = || self.group.oom_kills() > self.oom_before;
         let outcome = match reply {
-            Some(Reply::Exited(code)) if code == 128 + SIGKILL && oom() => Outcome::OomKilled,
+            Some(Reply::Exited(code)) if code == i32::from(signal_exit_code(SIGKILL)) && oom() => {
+                Outcome::OomKilled
+            }
             Some(Reply::Exited(code)) => Outcome::Exited(code as u8),
             Some(Reply::Signaled(SIGKILL)) if oom() => Outcome::OomKilled,
-            Some(Reply::Signaled(signal)) => Outcome::Exited((128 + signal.clamp(0, 127)) as u8),
+            Some(Reply::Signaled(signal)) => Outcome::signaled(signal),
             // The reaper shares its command's OOM score, so the OOM killer may pick it.
             None if oom() => Outcome::OomKilled,
             _ => Outcome::Lost,

@@ -20,10 +20,11 @@ pub enum Error {
     NotFound,
     /// The HTTP method is not allowed on this route (405, empty body).
     MethodNotAllowed,
-    /// The execution environment does not exist (404).
+    /// The execution environment a request body names does not exist (404).
     UnknownEnvironment(EnvironmentId),
-    /// The environment does not exist on a route where Poseidon answers 404 with an empty body.
-    UnknownEnvironmentEmpty,
+    /// The execution environment a path names does not exist (404; an empty body, as for any
+    /// path that names nothing).
+    EnvironmentNotFound(EnvironmentId),
     /// The runner does not exist, expired or was destroyed (410).
     UnknownRunner(String),
     /// The execution id is unknown or was already used (404).
@@ -75,7 +76,7 @@ impl Error {
             Error::BadRequest(_) | Error::UnknownImage(_) | Error::Image(_) => 400,
             Error::Unauthorized => 401,
             Error::Forbidden(_) => 403,
-            Error::NotFound | Error::UnknownEnvironment(_) | Error::UnknownEnvironmentEmpty => 404,
+            Error::NotFound | Error::UnknownEnvironment(_) | Error::EnvironmentNotFound(_) => 404,
             Error::UnknownExecution => 404,
             Error::MethodNotAllowed => 405,
             Error::UnknownRunner(_) => 410,
@@ -108,7 +109,7 @@ impl Error {
             Error::Unauthorized
                 | Error::NotFound
                 | Error::MethodNotAllowed
-                | Error::UnknownEnvironmentEmpty
+                | Error::EnvironmentNotFound(_)
         )
     }
 }
@@ -124,7 +125,7 @@ impl fmt::Display for Error {
             Error::UnknownEnvironment(id) => {
                 write!(f, "execution environment {id} not found")
             }
-            Error::UnknownEnvironmentEmpty => f.write_str("execution environment not found"),
+            Error::EnvironmentNotFound(id) => write!(f, "execution environment {id} not found"),
             Error::UnknownRunner(id) => write!(f, "no runner found with id {id}"),
             Error::UnknownExecution => f.write_str("execution id unknown"),
             Error::PayloadTooLarge(limit) => {

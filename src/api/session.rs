@@ -205,7 +205,7 @@ pub fn run(
         .time_limit
         .and_then(|limit| Instant::now().checked_add(limit));
     let max_output = (app.max_output_bytes > 0).then_some(app.max_output_bytes);
-    let limits = Limits {
+    let limits = SessionLimits {
         deadline,
         max_output,
         max_message: app.server.max_message_bytes,
@@ -250,13 +250,13 @@ fn record(app: &App, tracker: ExecutionGuard, last: Option<&WsMessage>, output: 
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Limits {
+struct SessionLimits {
     deadline: Option<Instant>,
     max_output: Option<u64>,
     max_message: usize,
 }
 
-impl Limits {
+impl SessionLimits {
     /// The ending after a write to the client failed: the time limit if it has passed (the
     /// write waited for it), else the client is gone.
     fn write_failed(&self) -> Ending {
@@ -273,7 +273,7 @@ fn relay(
     output: &mut Output,
     running: &Running,
     (client, stop): (&Receiver<ClientEvent>, &Receiver<StopReason>),
-    limits: Limits,
+    limits: SessionLimits,
 ) -> Ending {
     let timer = limits.deadline.map_or_else(never, at);
     loop {

@@ -63,7 +63,7 @@ impl Manager {
             let env = state
                 .environments
                 .remove(&id)
-                .ok_or(Error::UnknownEnvironmentEmpty)?;
+                .ok_or(Error::EnvironmentNotFound(id))?;
             let mut effects = Effects::default();
             effects
                 .destroy
@@ -114,7 +114,7 @@ impl Manager {
             .environments
             .get(&id)
             .map(|env| env.spec.clone())
-            .ok_or(Error::UnknownEnvironmentEmpty)
+            .ok_or(Error::EnvironmentNotFound(id))
     }
 
     /// Pool statistics of every environment.

@@ -19,7 +19,7 @@ const CPU_PERIOD_US: u64 = 100_000;
 
 /// The limits of one runner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Limits {
+pub struct GroupLimits {
     /// Hard memory cap in bytes.
     pub memory_bytes: Option<u64>,
     /// Most processes.
@@ -30,11 +30,11 @@ pub struct Limits {
     pub cpu_quota_us: Option<u64>,
 }
 
-impl Limits {
-    /// Limits from a runner's memory (MiB) and cpu (MHz) limits; 0 means none.
+impl GroupLimits {
+    /// GroupLimits from a runner's memory (MiB) and cpu (MHz) limits; 0 means none.
     pub fn new(memory_mb: u64, pids: u32, cpu_mhz_limit: u32, hard: bool, core_mhz: u32) -> Self {
         let cpu = u64::from(cpu_mhz_limit);
-        Limits {
+        GroupLimits {
             memory_bytes: (memory_mb > 0).then(|| memory_mb.saturating_mul(1 << 20)),
             pids,
             cpu_shares: (cpu > 0).then(|| cpu.clamp(2, 262_144)),
@@ -176,7 +176,7 @@ impl Cgroups {
     }
 
     /// Creates a runner's group with its limits.
-    pub fn create(&self, runner: &str, limits: &Limits) -> io::Result<Group> {
+    pub fn create(&self, runner: &str, limits: &GroupLimits) -> io::Result<Group> {
         let group = self.group(runner);
         for dir in &group.dirs {
             fs::create_dir(dir)?;
@@ -188,7 +188,7 @@ impl Cgroups {
         Ok(group)
     }
 
-    fn apply(&self, group: &Group, limits: &Limits) -> io::Result<()> {
+    fn apply(&self, group: &Group, limits: &GroupLimits) -> io::Result<()> {
         match &self.layout {
             Layout::V1 { memory, pids, cpu } => {
                 let dir = |root: &Path| root.join(&self.name).join(group.runner());
@@ -319,7 +319,12 @@ impl Group {
     }
 }
 
-fn apply_v1(memory: &Path, pids: &Path, cpu: Option<&Path>, limits: &Limits) -> io::Result<()> {
+fn apply_v1(
+    memory: &Path,
+    pids: &Path,
+    cpu: Option<&Path>,
+    limits: &GroupLimits,
+) -> io::Result<()> {
     if let Some(bytes) = limits.memory_bytes {
         write(memory, "memory.limit_in_bytes", bytes)?;
         // Swap accounting may be off; where it is on, no swapping past the cap.
@@ -338,7 +343,7 @@ fn apply_v1(memory: &Path, pids: &Path, cpu: Option<&Path>, limits: &Limits) -> 
     Ok(())
 }
 
-fn apply_v2(dir: &Path, cpu: bool, limits: &Limits) -> io::Result<()> {
+fn apply_v2(dir: &Path, cpu: bool, limits: &GroupLimits) -> io::Result<()> {
     if let Some(bytes) = limits.memory_bytes {
         write(dir, "memory.max", bytes)?;
         let _ = write(dir, "memory.swap.max", 0);
@@ -395,12 +400,12 @@ mod tests {
 
     #[test]
     fn limits_convert_units() {
-        let limits = Limits::new(64, 100, 500, true, 2000);
+        let limits = GroupLimits::new(64, 100, 500, true, 2000);
         assert_eq!(limits.memory_bytes, Some(64 << 20));
         assert_eq!(limits.cpu_shares, Some(500));
         assert_eq!(limits.cpu_quota_us, Some(25_000));
-        assert_eq!(Limits::new(0, 1, 0, true, 2000).memory_bytes, None);
-        assert_eq!(Limits::new(0, 1, 0, true, 2000).cpu_quota_us, None);
+        assert_eq!(GroupLimits::new(0, 1, 0, true, 2000).memory_bytes, None);
+        assert_eq!(GroupLimits::new(0, 1, 0, true, 2000).cpu_quota_us, None);
     }
 
     #[test]

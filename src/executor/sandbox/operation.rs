@@ -16,7 +16,7 @@ use rustix::{
 
 use super::{
     cgroup::Group,
-    protocol::{self, Reply},
+    protocol::{self, AgentReply},
 };
 use crate::{
     error::{Error, Result},
@@ -41,7 +41,7 @@ pub(super) fn open(control: BorrowedFd<'_>, kind: &[u8]) -> Result<OwnedFd> {
 }
 
 /// Waits for the agent's reply to an operation.
-pub(super) fn reply(op: &OwnedFd, max_fds: usize) -> Result<(Reply, Vec<OwnedFd>)> {
+pub(super) fn reply(op: &OwnedFd, max_fds: usize) -> Result<(AgentReply, Vec<OwnedFd>)> {
     match protocol::recv_reply(op.as_fd(), max_fds, false) {
         Ok(Some(reply)) => Ok(reply),
         Ok(None) => Err(Error::Internal("sandbox agent ended the operation".into())),
@@ -50,10 +50,10 @@ pub(super) fn reply(op: &OwnedFd, max_fds: usize) -> Result<(Reply, Vec<OwnedFd>
 }
 
 /// The error an unexpected or failing reply becomes.
-pub(super) fn failure(reply: Reply) -> Error {
+pub(super) fn failure(reply: AgentReply) -> Error {
     match reply {
-        Reply::Failed(message) => Error::Internal(format!("sandbox: {}", bounded(&message))),
-        Reply::FileCopy(detail) => Error::FileCopy(bounded(&detail)),
+        AgentReply::Failed(message) => Error::Internal(format!("sandbox: {}", bounded(&message))),
+        AgentReply::FileCopy(detail) => Error::FileCopy(bounded(&detail)),
         other => Error::Internal(format!("sandbox: unexpected reply {other:?}")),
     }
 }
@@ -123,12 +123,14 @@ impl ExitWatch for SandboxExit {
         };
         let oom = || self.group.oom_kills() > self.oom_before;
         let outcome = match reply {
-            Some(Reply::Exited(code)) if code == i32::from(signal_exit_code(SIGKILL)) && oom() => {
+            Some(AgentReply::Exited(code))
+                if code == i32::from(signal_exit_code(SIGKILL)) && oom() =>
+            {
                 Outcome::OomKilled
             }
-            Some(Reply::Exited(code)) => Outcome::Exited(code as u8),
-            Some(Reply::Signaled(SIGKILL)) if oom() => Outcome::OomKilled,
-            Some(Reply::Signaled(signal)) => Outcome::signaled(signal),
+            Some(AgentReply::Exited(code)) => Outcome::Exited(code as u8),
+            Some(AgentReply::Signaled(SIGKILL)) if oom() => Outcome::OomKilled,
+            Some(AgentReply::Signaled(signal)) => Outcome::signaled(signal),
             // The reaper shares its command's OOM score, so the OOM killer may pick it.
             None if oom() => Outcome::OomKilled,
             _ => Outcome::Lost,

@@ -2,7 +2,7 @@
 //! unix sockets, each at most [`MAX_RECORD`] bytes, optionally carrying descriptors.
 //!
 //! Requests travel server → agent as a byte stream of records: a little-endian `u32` length,
-//! the JSON [`Request`], then raw payload bytes (file contents). Replies are one JSON [`Reply`]
+//! the JSON [`AgentRequest`], then raw payload bytes (file contents). Replies are one JSON [`AgentReply`]
 //! record, followed for listings and downloads by raw data records until end of file.
 //! Everything the server receives from an agent is untrusted: records are bounded (a longer
 //! one is an error), unexpected descriptors are closed.
@@ -64,7 +64,7 @@ pub enum ImageSource {
 /// One operation, sent by the server on a fresh operation socket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
+pub enum AgentRequest {
     /// Run a command under a new pseudo-terminal.
     Execute {
         /// The command line for `bash -c`.
@@ -102,7 +102,7 @@ pub enum Request {
 /// The agent's answer to the setup or to an operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Reply {
+pub enum AgentReply {
     /// The runner is ready.
     Ready,
     /// The command started; the record carries the pty master and the stderr read end.
@@ -192,7 +192,11 @@ pub fn recv_record(
 }
 
 /// Sends a reply record.
-pub fn send_reply(sock: BorrowedFd<'_>, reply: &Reply, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+pub fn send_reply(
+    sock: BorrowedFd<'_>,
+    reply: &AgentReply,
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<()> {
     let mut text = serde_json::to_vec(reply).map_err(io::Error::other)?;
     text.truncate(MAX_RECORD);
     send_record(sock, &text, fds)
@@ -204,7 +208,7 @@ pub fn recv_reply(
     sock: BorrowedFd<'_>,
     max_fds: usize,
     nonblocking: bool,
-) -> io::Result<Option<(Reply, Vec<OwnedFd>)>> {
+) -> io::Result<Option<(AgentReply, Vec<OwnedFd>)>> {
     let mut buf = vec![0; MAX_RECORD];
     let (len, fds) = recv_record(sock, &mut buf, max_fds, nonblocking)?;
     if len == 0 {
@@ -215,7 +219,7 @@ pub fn recv_reply(
 }
 
 /// Writes a request: length, JSON header; the caller writes any payload to the same writer.
-pub fn write_request(out: &mut impl Write, request: &Request) -> io::Result<()> {
+pub fn write_request(out: &mut impl Write, request: &AgentRequest) -> io::Result<()> {
     let header = serde_json::to_vec(request).map_err(io::Error::other)?;
     let len = u32::try_from(header.len()).map_err(|_| io::Error::other("request too large"))?;
     out.write_all(&len.to_le_bytes())?;
@@ -223,7 +227,7 @@ pub fn write_request(out: &mut impl Write, request: &Request) -> io::Result<()> 
 }
 
 /// Reads a request header written by [`write_request`].
-pub fn read_request(input: &mut impl Read) -> io::Result<Request> {
+pub fn read_request(input: &mut impl Read) -> io::Result<AgentRequest> {
     let mut len = [0; 4];
     input.read_exact(&mut len)?;
     let len = u32::from_le_bytes(len) as usize;
@@ -237,22 +241,22 @@ pub fn read_request(input: &mut impl Read) -> io::Result<Request> {
 
 /// Writes a byte stream as records of at most [`MAX_RECORD`] bytes.
 #[derive(Debug)]
-pub struct RecordWriter<F: AsFd> {
+pub struct SocketWriter<F: AsFd> {
     sock: F,
     buf: Vec<u8>,
 }
 
-impl<F: AsFd> RecordWriter<F> {
+impl<F: AsFd> SocketWriter<F> {
     /// A writer on `sock`; nothing is sent before the buffer fills or is flushed.
     pub fn new(sock: F) -> Self {
-        RecordWriter {
+        SocketWriter {
             sock,
             buf: Vec::with_capacity(MAX_RECORD),
         }
     }
 }
 
-impl<F: AsFd> Write for RecordWriter<F> {
+impl<F: AsFd> Write for SocketWriter<F> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.buf.len() == MAX_RECORD {
             self.flush()?;
@@ -280,7 +284,7 @@ pub fn record_buffer() -> Box<[u8]> {
 /// Reads the records of a socket as one byte stream, up to a limit; records carrying
 /// descriptors are an error (their descriptors are closed).
 #[derive(Debug)]
-pub struct RecordReader<F: AsFd> {
+pub struct SocketReader<F: AsFd> {
     sock: F,
     buf: Box<[u8]>,
     start: usize,
@@ -288,18 +292,18 @@ pub struct RecordReader<F: AsFd> {
     remaining: u64,
 }
 
-impl<F: AsFd> RecordReader<F> {
+impl<F: AsFd> SocketReader<F> {
     /// A reader that fails once more than `limit` bytes arrive.
     pub fn new(sock: F, limit: u64) -> Self {
         Self::with_buffer(sock, limit, record_buffer())
     }
 
-    /// Like [`RecordReader::new`], with a buffer from [`record_buffer`].
+    /// Like [`SocketReader::new`], with a buffer from [`record_buffer`].
     pub fn with_buffer(sock: F, limit: u64, mut buf: Box<[u8]>) -> Self {
         if buf.len() != MAX_RECORD {
             buf = record_buffer();
         }
-        RecordReader {
+        SocketReader {
             sock,
             buf,
             start: 0,
@@ -309,7 +313,7 @@ impl<F: AsFd> RecordReader<F> {
     }
 }
 
-impl<F: AsFd> Read for RecordReader<F> {
+impl<F: AsFd> Read for SocketReader<F> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.start == self.end {
             let (len, fds) = recv_record(self.sock.as_fd(), &mut self.buf, 0, false)?;
@@ -337,8 +341,8 @@ mod tests {
     fn requests_and_streams_round_trip_over_records() {
         let (a, b) = socketpair().unwrap();
         let writer_thread = std::thread::spawn(move || {
-            let mut writer = RecordWriter::new(&a);
-            let request = Request::Update {
+            let mut writer = SocketWriter::new(&a);
+            let request = AgentRequest::Update {
                 delete: vec!["./*".into()],
                 copy: vec![("x".into(), 3)],
             };
@@ -346,9 +350,9 @@ mod tests {
             writer.write_all(&vec![7u8; 200_000]).unwrap();
             writer.flush().unwrap();
         });
-        let mut reader = RecordReader::new(&b, 1 << 20);
+        let mut reader = SocketReader::new(&b, 1 << 20);
         let request = read_request(&mut reader).unwrap();
-        assert!(matches!(request, Request::Update { ref copy, .. } if copy[0].1 == 3));
+        assert!(matches!(request, AgentRequest::Update { ref copy, .. } if copy[0].1 == 3));
         writer_thread.join().unwrap();
         let mut rest = Vec::new();
         reader.read_to_end(&mut rest).unwrap();
@@ -359,9 +363,9 @@ mod tests {
     fn replies_carry_descriptors_and_bound_sizes() {
         let (a, b) = socketpair().unwrap();
         let (x, _y) = socketpair().unwrap();
-        send_reply(a.as_fd(), &Reply::Started, &[x.as_fd()]).unwrap();
+        send_reply(a.as_fd(), &AgentReply::Started, &[x.as_fd()]).unwrap();
         let (reply, fds) = recv_reply(b.as_fd(), 2, false).unwrap().unwrap();
-        assert_eq!((reply, fds.len()), (Reply::Started, 1));
+        assert_eq!((reply, fds.len()), (AgentReply::Started, 1));
         send_record(a.as_fd(), &vec![b'x'; MAX_RECORD + 1], &[]).unwrap();
         assert!(recv_reply(b.as_fd(), 2, false).is_err());
         let err = recv_reply(b.as_fd(), 0, true).unwrap_err();

@@ -23,7 +23,7 @@ use rustix::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::protocol::{self, Reply};
+use super::protocol::{self, AgentReply};
 
 /// The listener's name in the runner directory.
 pub const CONTROL_SOCKET: &str = "control";
@@ -134,7 +134,7 @@ pub fn accept(listener: &OwnedFd, secret: &str) -> Option<(OwnedFd, OwnedFd)> {
     if !same(&buf[..len], secret.as_bytes()) {
         return None;
     }
-    protocol::send_reply(conn.as_fd(), &Reply::Ready, &[]).ok()?;
+    protocol::send_reply(conn.as_fd(), &AgentReply::Ready, &[]).ok()?;
     rustix::net::sockopt::set_socket_timeout(&conn, Timeout::Recv, None).ok()?;
     rustix::net::sockopt::set_socket_timeout(&conn, Timeout::Send, None).ok()?;
     Some((conn, exec))
@@ -176,7 +176,7 @@ pub fn connect(
     }
     protocol::send_record(conn.as_fd(), file.secret.as_bytes(), &[exec.as_fd()])?;
     match protocol::recv_reply(conn.as_fd(), 0, false)? {
-        Some((Reply::Ready, _)) => {}
+        Some((AgentReply::Ready, _)) => {}
         other => return Err(io::Error::other(format!("the init answered {other:?}"))),
     }
     rustix::net::sockopt::set_socket_timeout(&conn, Timeout::Recv, None)?;

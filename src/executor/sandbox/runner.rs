@@ -21,10 +21,10 @@ use rustix::net::{Shutdown, sockopt::Timeout};
 use super::{
     AGENT_ARG,
     agent::{EXECUTE, FILES},
-    cgroup::{Group, Limits},
+    cgroup::{Group, GroupLimits},
     executor::{IDS_PER_RUNNER, Shared},
     image, operation,
-    protocol::{self, RecordReader, RecordWriter, Reply, Request, Setup},
+    protocol::{self, AgentReply, AgentRequest, Setup, SocketReader, SocketWriter},
     reattach::{self, RunnerFile},
 };
 use crate::{
@@ -93,7 +93,7 @@ impl SandboxRunner {
             0 => config.default_memory_limit_mb,
             mb => u64::from(mb),
         };
-        let limits = Limits::new(
+        let limits = GroupLimits::new(
             memory_mb,
             config.pids_limit,
             spec.cpu_limit,
@@ -230,7 +230,7 @@ impl SandboxRunner {
         protocol::send_record(ours.as_fd(), &text, &[exec_theirs.as_fd()])?;
         drop(exec_theirs);
         let (reply, _) = operation::reply(&ours, 0)?;
-        if reply != Reply::Ready {
+        if reply != AgentReply::Ready {
             return Err(operation::failure(reply));
         }
         // Sends of operation sockets may block only briefly; replies come on other sockets.
@@ -242,7 +242,7 @@ impl SandboxRunner {
     }
 
     /// Opens an operation of `kind` and sends `request` on it.
-    fn request(&self, kind: &[u8], request: &Request) -> Result<OwnedFd> {
+    fn request(&self, kind: &[u8], request: &AgentRequest) -> Result<OwnedFd> {
         if self.destroyed.load(Ordering::SeqCst) {
             return Err(Error::unknown_runner(&self.id));
         }
@@ -255,7 +255,7 @@ impl SandboxRunner {
             .get()
             .ok_or_else(|| Error::unknown_runner(&self.id))?;
         let op = operation::open(socket.as_fd(), kind)?;
-        let mut out = RecordWriter::new(&op);
+        let mut out = SocketWriter::new(&op);
         protocol::write_request(&mut out, request)?;
         out.flush()?;
         Ok(op)
@@ -294,14 +294,16 @@ impl SandboxRunner {
 impl Runner for SandboxRunner {
     fn execute(&self, command: &Command) -> Result<Process> {
         let oom_before = self.group.oom_kills();
-        let request = Request::Execute {
+        let request = AgentRequest::Execute {
             command: command.command.clone(),
             environment: command.environment.clone(),
             privileged: command.privileged,
         };
         let op = self.request(EXECUTE, &request)?;
         match operation::reply(&op, 2)? {
-            (Reply::Started, fds) => operation::process(op, fds, self.group.clone(), oom_before),
+            (AgentReply::Started, fds) => {
+                operation::process(op, fds, self.group.clone(), oom_before)
+            }
             (reply, _) => Err(operation::failure(reply)),
         }
     }
@@ -312,34 +314,34 @@ impl Runner for SandboxRunner {
         recursive: bool,
         privileged: bool,
     ) -> Result<Box<dyn Read + Send>> {
-        let request = Request::List {
+        let request = AgentRequest::List {
             path: path.to_owned(),
             recursive,
             privileged,
         };
         let op = self.request(FILES, &request)?;
         match operation::reply(&op, 0)? {
-            (Reply::Done(_), _) => Ok(Box::new(RecordReader::new(op, MAX_LISTING))),
-            (Reply::NotFound, _) => Err(not_found(path)),
+            (AgentReply::Done(_), _) => Ok(Box::new(SocketReader::new(op, MAX_LISTING))),
+            (AgentReply::NotFound, _) => Err(not_found(path)),
             (reply, _) => Err(operation::failure(reply)),
         }
     }
 
     fn read_file(&self, path: &str, privileged: bool) -> Result<FileContent> {
-        let request = Request::Read {
+        let request = AgentRequest::Read {
             path: path.to_owned(),
             privileged,
         };
         let op = self.request(FILES, &request)?;
         match operation::reply(&op, 0)? {
-            (Reply::Done(Some(length)), _) => {
-                let reader = operation::ExactReader::new(RecordReader::new(op, length), length);
+            (AgentReply::Done(Some(length)), _) => {
+                let reader = operation::ExactReader::new(SocketReader::new(op, length), length);
                 Ok(FileContent {
                     length,
                     reader: Box::new(reader),
                 })
             }
-            (Reply::NotFound, _) => Err(not_found(path)),
+            (AgentReply::NotFound, _) => Err(not_found(path)),
             (reply, _) => Err(operation::failure(reply)),
         }
     }
@@ -350,12 +352,12 @@ impl Runner for SandboxRunner {
             .iter()
             .map(|e| (e.path.clone(), e.content.len() as u64))
             .collect();
-        let request = Request::Update {
+        let request = AgentRequest::Update {
             delete: update.delete.clone(),
             copy,
         };
         let op = self.request(FILES, &request)?;
-        let mut out = RecordWriter::new(&op);
+        let mut out = SocketWriter::new(&op);
         // If the agent stops reading (it failed), its reply still explains why.
         let sent = update
             .copy
@@ -363,8 +365,8 @@ impl Runner for SandboxRunner {
             .try_for_each(|entry| out.write_all(&entry.content))
             .and_then(|()| out.flush());
         match (operation::reply(&op, 0), sent) {
-            (Ok((Reply::Done(_), _)), Ok(())) => Ok(()),
-            (Ok((Reply::NotFound, _)), _) => Err(Error::FileCopy("file not found".into())),
+            (Ok((AgentReply::Done(_), _)), Ok(())) => Ok(()),
+            (Ok((AgentReply::NotFound, _)), _) => Err(Error::FileCopy("file not found".into())),
             (Ok((reply, _)), _) => Err(operation::failure(reply)),
             (Err(_), Err(err)) => Err(Error::internal("sandbox: sending files", err)),
             (Err(err), Ok(())) => Err(err),

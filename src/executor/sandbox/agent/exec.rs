@@ -24,7 +24,7 @@ use rustix::{
 
 use super::{Context, command::Launch};
 use crate::{
-    executor::sandbox::protocol::{self, RecordReader, Reply, Request},
+    executor::sandbox::protocol::{self, AgentReply, AgentRequest, SocketReader},
     sys::sandbox::{self as sys, Forked},
 };
 
@@ -129,7 +129,7 @@ fn retry_while_at_process_limit(
 }
 
 fn fail(op: &OwnedFd, err: &io::Error) -> i32 {
-    let _ = protocol::send_reply(op.as_fd(), &Reply::Failed(err.to_string()), &[]);
+    let _ = protocol::send_reply(op.as_fd(), &AgentReply::Failed(err.to_string()), &[]);
     1
 }
 
@@ -190,8 +190,8 @@ impl Prepared {
         context: &Context,
         link: Option<&OwnedFd>,
     ) -> io::Result<(Pid, OwnedFd)> {
-        let mut input = RecordReader::with_buffer(op, MAX_REQUEST, self.buffer);
-        let Request::Execute {
+        let mut input = SocketReader::with_buffer(op, MAX_REQUEST, self.buffer);
+        let AgentRequest::Execute {
             command,
             environment,
             privileged,
@@ -209,7 +209,7 @@ impl Prepared {
             Forked::Parent(child) => {
                 drop(self.err_write);
                 let fds = [self.master.as_fd(), self.err_read.as_fd()];
-                protocol::send_reply(op.as_fd(), &Reply::Started, &fds)?;
+                protocol::send_reply(op.as_fd(), &AgentReply::Started, &fds)?;
                 if let Some(link) = link {
                     let _ = protocol::send_record(link.as_fd(), b"taken", &[]);
                 }
@@ -265,7 +265,7 @@ fn wait(op: &OwnedFd, child: Pid) -> i32 {
 }
 
 /// Reaps every ended child; the command's end as a reply, once it has ended.
-fn reap(command: Pid) -> io::Result<Option<Reply>> {
+fn reap(command: Pid) -> io::Result<Option<AgentReply>> {
     loop {
         let (pid, status) = match rustix::process::wait(WaitOptions::NOHANG) {
             Ok(Some(ended)) => ended,
@@ -277,8 +277,8 @@ fn reap(command: Pid) -> io::Result<Option<Reply>> {
             continue;
         }
         return Ok(match (status.exit_status(), status.terminating_signal()) {
-            (Some(code), _) => Some(Reply::Exited(code)),
-            (None, Some(signal)) => Some(Reply::Signaled(signal)),
+            (Some(code), _) => Some(AgentReply::Exited(code)),
+            (None, Some(signal)) => Some(AgentReply::Signaled(signal)),
             (None, None) => continue,
         });
     }

@@ -16,23 +16,23 @@ use crate::{
     executor::{
         FileEntry, FileUpdate,
         fsview::{NameSource, Root},
-        sandbox::protocol::{self, RecordReader, RecordWriter, Reply, Request},
+        sandbox::protocol::{self, AgentReply, AgentRequest, SocketReader, SocketWriter},
     },
 };
 
 /// Serves a file operation; returns the child's exit code.
 pub(super) fn serve(op: OwnedFd, context: &Context) -> i32 {
     rustix::process::umask(Mode::from_raw_mode(0o022));
-    let mut input = RecordReader::new(&op, u64::MAX);
+    let mut input = SocketReader::new(&op, u64::MAX);
     let result = match protocol::read_request(&mut input) {
-        Ok(Request::List {
+        Ok(AgentRequest::List {
             path,
             recursive,
             privileged,
         }) => list(&op, &path, recursive, privileged, context),
-        Ok(Request::Read { path, privileged }) => read(&op, &path, privileged, context),
-        Ok(Request::Update { delete, copy }) => update(&op, &mut input, delete, copy),
-        Ok(Request::Execute { .. }) => Err(Error::Internal("not a file operation".into())),
+        Ok(AgentRequest::Read { path, privileged }) => read(&op, &path, privileged, context),
+        Ok(AgentRequest::Update { delete, copy }) => update(&op, &mut input, delete, copy),
+        Ok(AgentRequest::Execute { .. }) => Err(Error::Internal("not a file operation".into())),
         Err(err) => Err(Error::Io(err)),
     };
     match result {
@@ -45,11 +45,11 @@ pub(super) fn serve(op: OwnedFd, context: &Context) -> i32 {
 }
 
 /// The reply that makes the server return the same error.
-fn reply_for(err: Error) -> Reply {
+fn reply_for(err: Error) -> AgentReply {
     match err {
-        Error::FileNotFound(_) => Reply::NotFound,
-        Error::FileCopy(detail) => Reply::FileCopy(detail),
-        other => Reply::Failed(other.to_string()),
+        Error::FileNotFound(_) => AgentReply::NotFound,
+        Error::FileCopy(detail) => AgentReply::FileCopy(detail),
+        other => AgentReply::Failed(other.to_string()),
     }
 }
 
@@ -73,16 +73,16 @@ fn list(
     context: &Context,
 ) -> Result<()> {
     let listing = open_root(privileged, context)?.list(path, recursive)?;
-    protocol::send_reply(op.as_fd(), &Reply::Done(None), &[])?;
-    let mut out = RecordWriter::new(op);
+    protocol::send_reply(op.as_fd(), &AgentReply::Done(None), &[])?;
+    let mut out = SocketWriter::new(op);
     listing.write_json(&mut out)?;
     Ok(out.flush()?)
 }
 
 fn read(op: &OwnedFd, path: &str, privileged: bool, context: &Context) -> Result<()> {
     let content = open_root(privileged, context)?.open_file(path)?;
-    protocol::send_reply(op.as_fd(), &Reply::Done(Some(content.length)), &[])?;
-    let mut out = RecordWriter::new(op);
+    protocol::send_reply(op.as_fd(), &AgentReply::Done(Some(content.length)), &[])?;
+    let mut out = SocketWriter::new(op);
     io::copy(&mut content.reader.take(content.length), &mut out)?;
     Ok(out.flush()?)
 }
@@ -121,5 +121,9 @@ fn update(
     if !failures.is_empty() {
         return Err(Error::FileCopy(failures.join("; ")));
     }
-    Ok(protocol::send_reply(op.as_fd(), &Reply::Done(None), &[])?)
+    Ok(protocol::send_reply(
+        op.as_fd(),
+        &AgentReply::Done(None),
+        &[],
+    )?)
 }

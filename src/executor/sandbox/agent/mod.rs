@@ -29,7 +29,7 @@ use rustix::{
 };
 
 use super::{
-    protocol::{self, Reply, Setup},
+    protocol::{self, AgentReply, Setup},
     seccomp,
 };
 use crate::sys::sandbox::{self as sys, Forked};
@@ -60,7 +60,7 @@ pub(super) fn main() -> i32 {
         return 1;
     };
     let fail = |message: String| {
-        let _ = protocol::send_reply(control.as_fd(), &Reply::Failed(message), &[]);
+        let _ = protocol::send_reply(control.as_fd(), &AgentReply::Failed(message), &[]);
         1
     };
     let (setup, userns, exec, listener) = match launch(&control) {
@@ -173,16 +173,16 @@ fn init(
     let context = match prepare(setup, userns) {
         Ok(context) => context,
         Err(message) => {
-            let _ = protocol::send_reply(control.as_fd(), &Reply::Failed(message), &[]);
+            let _ = protocol::send_reply(control.as_fd(), &AgentReply::Failed(message), &[]);
             return 1;
         }
     };
     if let Err(err) = super::reattach::listen(listener) {
         let message = format!("cannot listen for later servers: {err}");
-        let _ = protocol::send_reply(control.as_fd(), &Reply::Failed(message), &[]);
+        let _ = protocol::send_reply(control.as_fd(), &AgentReply::Failed(message), &[]);
         return 1;
     }
-    if protocol::send_reply(control.as_fd(), &Reply::Ready, &[]).is_err() {
+    if protocol::send_reply(control.as_fd(), &AgentReply::Ready, &[]).is_err() {
         return 1;
     }
     serve(Some((control, exec)), listener, &setup.secret, &context)
@@ -339,7 +339,7 @@ fn files(op: OwnedFd, context: &Context) {
         Ok(Forked::Child) => process::exit(files::serve(op, context)),
         Ok(Forked::Parent(_)) => {}
         Err(err) => {
-            let reply = Reply::Failed(format!("cannot fork: {err}"));
+            let reply = AgentReply::Failed(format!("cannot fork: {err}"));
             let _ = protocol::send_reply(op.as_fd(), &reply, &[]);
         }
     }

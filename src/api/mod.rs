@@ -3,6 +3,7 @@
 //! errors become Poseidon's status codes and bodies here and nowhere else.
 
 mod environments;
+pub mod paths;
 mod route;
 mod runners;
 pub mod session;
@@ -19,7 +20,8 @@ use std::{
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 
-pub use route::{PREFIX, Route};
+pub use paths::PREFIX;
+pub use route::Route;
 
 use crate::{
     config::ServerConfig,

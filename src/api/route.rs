@@ -1,25 +1,12 @@
-//! Routes of `/api/v1`: method + path segments → [`Route`], and the paths the server hands
-//! out or calls itself.
+//! Routes of `/api/v1`: method + path segments → [`Route`].
 
 use crate::server::http::Method;
 
-use super::{App, Reply, Request, environments, runners};
+use super::{App, Reply, Request, environments, paths::PREFIX, runners};
 use crate::{
     error::{Error, Result},
-    id::{EnvironmentId, ExecutionId, RunnerId},
+    id::EnvironmentId,
 };
-
-/// The prefix of every API path.
-pub const PREFIX: &str = "/api/v1";
-
-/// The path and query of an execution's WebSocket, as [`Route::parse`] reads it back
-/// ([`Route::WebSocket`]).
-pub fn websocket_path(runner: &RunnerId, execution: ExecutionId) -> String {
-    format!("{PREFIX}/runners/{runner}/websocket?{EXECUTION_PARAMETER}={execution}")
-}
-
-/// The query parameter naming the execution of a WebSocket.
-pub const EXECUTION_PARAMETER: &str = "executionID";
 
 /// Every route of the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,6 +185,11 @@ mod tests {
             Route::DeleteRunner("9-a".into())
         );
     }
+
+    use crate::{
+        api::paths::{EXECUTION_PARAMETER, websocket_path},
+        id::{ExecutionId, RunnerId},
+    };
 
     #[test]
     fn websocket_paths_are_read_back() {

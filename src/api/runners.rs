@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
-use super::{App, Reply, Request, route};
+use super::{App, Reply, Request, paths};
 use crate::{
     dto::{self, ExecutionRequest, ExecutionResponse, RunnerRequest, RunnerResponse},
     error::{Error, Result},
@@ -230,7 +230,7 @@ fn pending_execution(body: ExecutionRequest) -> Result<PendingExecution> {
 /// The absolute WebSocket URL of an execution: the configured base, or the request's host
 /// with the WebSocket listener's port.
 fn websocket_url(app: &App, host: Option<&str>, id: &RunnerId, execution: ExecutionId) -> String {
-    let path = route::websocket_path(id, execution);
+    let path = paths::websocket_path(id, execution);
     if let Some(base) = &app.server.websocket_url {
         return format!("{}{path}", base.trim_end_matches('/'));
     }

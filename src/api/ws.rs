@@ -18,7 +18,7 @@ use tungstenite::{
     protocol::{Role, WebSocketConfig},
 };
 
-use super::{App, Reply, Route, error_reply, route, session, token_matches};
+use super::{App, Reply, Route, error_reply, paths, session, token_matches};
 use crate::{
     error::{Error, Result},
     id::{ExecutionId, RunnerId},
@@ -178,7 +178,7 @@ fn authorize(app: &App, head: &Head) -> Result<StartedExecution> {
         .split_once('?')
         .and_then(|(_, query)| {
             form_urlencoded::parse(query.as_bytes())
-                .find(|(key, _)| key == route::EXECUTION_PARAMETER)
+                .find(|(key, _)| key == paths::EXECUTION_PARAMETER)
                 .and_then(|(_, value)| ExecutionId::parse(&value))
         })
         .ok_or(Error::UnknownExecution)?;

@@ -68,7 +68,12 @@ fn oci_layouts_as_directories_tars_and_compressed_tars() {
         let expected = name.map_or("docker.io/course/oci:1".to_owned(), |n| {
             format!("docker.io/{n}")
         });
-        assert_eq!(imported.names, std::slice::from_ref(&expected), "{}", input.display());
+        assert_eq!(
+            imported.names,
+            std::slice::from_ref(&expected),
+            "{}",
+            input.display()
+        );
         assert_eq!(marker(&store, &expected), "oci\n");
         assert_eq!(imported.image.env, ["FROM=import"]);
         assert_eq!(

@@ -17,8 +17,7 @@ pub fn oci_layout(dir: &Path, image: &Image, annotations: serde_json::Value) {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let put =
-        |digest: &str, bytes: &[u8]| std::fs::write(blobs.join(hex(digest)), bytes).unwrap();
+    let put = |digest: &str, bytes: &[u8]| std::fs::write(blobs.join(hex(digest)), bytes).unwrap();
     put(&image.config_digest, &image.config);
     put(&image.manifest_digest, &image.manifest);
     for layer in &image.layers {

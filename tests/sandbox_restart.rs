@@ -259,3 +259,32 @@ fn destroy_runners_ends_every_runner_the_server_left() {
     let path = format!("/runners/{runner}/files");
     assert_eq!(server.call("GET", &path, json!(null)).0, 410);
 }
+
+#[test]
+fn a_damaged_runner_file_stops_the_start_and_the_runner_lives_on() {
+    if !root() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("state");
+    let mut server = start(state.path());
+    let runner = claimed_runner(&server, 0);
+    let limit = memory_limit(&runner);
+    server.signal("TERM");
+    assert!(server.wait().success());
+
+    let file = state
+        .path()
+        .join("sandbox")
+        .join(&runner)
+        .join("runner.json");
+    let good = std::fs::read(&file).expect("runner file");
+    std::fs::write(&file, &good[..good.len() / 2]).expect("truncate");
+    let (status, log) = Process::spawn(state.path(), &SANDBOX).exit();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains(&file.display().to_string()), "{log}");
+    assert_eq!(memory_limit(&runner), limit, "the runner still runs");
+
+    std::fs::write(&file, &good).expect("repair");
+    let server = start(state.path());
+    assert_taken_back(&server, &runner, &limit);
+}

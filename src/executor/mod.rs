@@ -199,8 +199,8 @@ pub trait Runner: Send + Sync + fmt::Debug {
     fn mapped_ports(&self) -> Vec<crate::network::forward::MappedPort> {
         Vec::new()
     }
-    /// Ends every process of the runner at server shutdown but keeps what
-    /// [`Executor::adopt`] can take back after the restart; by default, destroys it.
+    /// At server shutdown: ends the runner's executions but keeps the runner, for
+    /// [`Executor::adopt`] to take back after the restart; by default, destroys it.
     fn suspend(&self) {
         self.destroy();
     }

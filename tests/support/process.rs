@@ -117,9 +117,11 @@ impl Process {
         }
     }
 
-    /// Waits for the process to exit; its status and the whole log.
+    /// Waits for the process to exit; its status and the whole log. What it leaves stays for
+    /// the next server on the same state directory.
     pub fn exit(mut self) -> (std::process::ExitStatus, String) {
         let status = self.wait();
+        self.cgroup_name = None;
         let mut log = String::new();
         let lines = self.lines.lock().expect("log lines");
         while let Ok(line) = lines.recv_timeout(TIMEOUT) {

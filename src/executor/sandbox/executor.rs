@@ -109,13 +109,24 @@ impl SandboxExecutor {
         };
         // Runners an earlier server left keep their uid ranges until they are taken back or
         // removed; the self-test must not run in one of them.
-        for entry in fs::read_dir(&executor.shared.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(file) = super::reattach::RunnerFile::load(&entry.path()) {
-                executor.shared.reserve_slot(file.slot);
+        // A runner file that cannot be read stops the start (its runner would otherwise be
+        // removed as a leftover): nothing is deleted because of a damaged file.
+        let entries = fs::read_dir(&executor.shared.dir).into_iter().flatten();
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                continue;
+            }
+            match super::reattach::RunnerFile::load(&entry.path()) {
+                Ok(file) => executor.shared.reserve_slot(file.slot),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    let path = entry.path().join(super::reattach::RUNNER_FILE);
+                    return Err(Error::Internal(format!(
+                        "the state file {} is damaged ({err}); nothing was changed. Repair it, \
+                         or delete it to have that runner removed at the next start",
+                        path.display()
+                    )));
+                }
             }
         }
         executor

@@ -6,7 +6,9 @@
 //! runner, execute round trips of `true` (against a bare fork+exec of `/bin/true` measured in
 //! the same run), sustained executions per second at concurrency 1, 2, 4 and 8, file copy and
 //! output throughput with the server's peak RSS (VmHWM after `clear_refs`), the time to
-//! prewarm 100 runners, and the server's RSS idle and with 1,000 idle runners.
+//! prewarm 100 runners, and the server's RSS idle and with 1,000 idle runners. A second
+//! server with `--state-sync true` measures the claim latency when every runner record is
+//! flushed to the disk before the answer.
 //!
 //! Progress goes to stderr, the table to stdout, the figures as JSON to
 //! `target/bench/results.json`. A missed target is reported, not a failure; a server that
@@ -114,9 +116,7 @@ fn measure_executor(executor: &str) -> Result<Outcome, String> {
     let stop = server.stop()?;
     eprintln!("done in {:.2} s", stop.as_secs_f64());
     figures.stop_s = Some(stop.as_secs_f64());
-    if executor == "process" {
-        figures.claim_synced = Some(claim_with_state_sync(executor)?);
-    }
+    figures.claim_synced = Some(claim_with_state_sync(executor)?);
     for line in &figures.server_errors {
         eprintln!("[{executor}] the server logged an error: {line}");
     }

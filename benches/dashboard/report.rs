@@ -196,8 +196,8 @@ pub struct Figures {
     /// `POST /runners` from a prewarmed pool.
     #[serde(rename = "claim_latency")]
     pub claim: Percentiles,
-    /// `POST /runners` with `state.sync` (records flushed to the disk before the answer);
-    /// only for executors that record claimed runners.
+    /// `POST /runners` with `state.sync` (records flushed to the disk before the answer),
+    /// from a second server.
     #[serde(rename = "claim_latency_state_sync")]
     pub claim_synced: Option<Percentiles>,
     /// The execution phases.

@@ -242,7 +242,7 @@ const FIGURE_ROWS: &[(&str, Show)] = &[
         |f| {
             f.claim_synced
                 .as_ref()
-                .map_or_else(|| "n/a (claims not recorded)".to_owned(), ms_pair)
+                .map_or_else(|| "not measured".to_owned(), ms_pair)
         },
     ),
     ("  reference: HTTP floor GET /version (p50 / p99)", |f| {

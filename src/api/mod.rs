@@ -7,6 +7,7 @@ pub mod paths;
 mod route;
 mod runners;
 pub mod session;
+mod status;
 pub mod ws;
 
 use std::{
@@ -72,6 +73,10 @@ pub struct Request {
     pub host: Option<String>,
     /// The body (empty for requests without one).
     pub body: Vec<u8>,
+    /// Whether the `Poseidon-Token` header carried the token (or none is required).
+    pub authorized: bool,
+    /// The `Cookie` header (the status page's session).
+    pub cookie: Option<String>,
 }
 
 impl Request {
@@ -92,6 +97,15 @@ pub enum Reply {
     Empty(u16),
     /// A JSON body.
     Json(u16, Vec<u8>),
+    /// A complete body with its status and headers (the status page).
+    Page {
+        /// The status.
+        status: u16,
+        /// Headers besides the length.
+        headers: Vec<(&'static str, String)>,
+        /// The body.
+        body: Vec<u8>,
+    },
     /// A streamed body; without a length it is sent chunked.
     Stream {
         /// Headers besides the length.
@@ -108,6 +122,7 @@ impl std::fmt::Debug for Reply {
         match self {
             Reply::Empty(status) => write!(f, "Empty({status})"),
             Reply::Json(status, body) => write!(f, "Json({status}, {} bytes)", body.len()),
+            Reply::Page { status, body, .. } => write!(f, "Page({status}, {} bytes)", body.len()),
             Reply::Stream { length, .. } => write!(f, "Stream({length:?})"),
         }
     }
@@ -121,7 +136,7 @@ impl Reply {
 
     fn status(&self) -> u16 {
         match self {
-            Reply::Empty(status) | Reply::Json(status, _) => *status,
+            Reply::Empty(status) | Reply::Json(status, _) | Reply::Page { status, .. } => *status,
             Reply::Stream { .. } => 200,
         }
     }
@@ -196,7 +211,8 @@ fn handle(app: &App, exchange: &mut Exchange) -> (&'static str, Reply) {
         Err(err) => return ("unknown", error_reply(&err)),
     };
     let name = route.name();
-    if route.needs_token() && !authorized(app, exchange) {
+    let authorized = authorized(app, exchange);
+    if route.needs_token() && !authorized {
         return (name, error_reply(&Error::Unauthorized));
     }
     let limit = app.server.max_body_bytes;
@@ -204,7 +220,10 @@ fn handle(app: &App, exchange: &mut Exchange) -> (&'static str, Reply) {
         return (name, error_reply(&Error::PayloadTooLarge(limit)));
     }
     let parsed = match read_request(app, exchange, query) {
-        Ok(parsed) => parsed,
+        Ok(parsed) => Request {
+            authorized,
+            ..parsed
+        },
         Err(err) => return (name, error_reply(&err)),
     };
     let reply = match route.handle(app, &parsed) {
@@ -251,6 +270,7 @@ fn read_request(app: &App, exchange: &mut Exchange, query: &str) -> Result<Reque
             .or_insert_with(|| value.into_owned());
     }
     parsed.host = exchange.header("host").map(str::to_owned);
+    parsed.cookie = exchange.header("cookie").map(str::to_owned);
     Ok(parsed)
 }
 
@@ -261,6 +281,18 @@ fn respond(exchange: &mut Exchange, reply: Reply) -> io::Result<()> {
         Reply::Json(status, body) => {
             let length = Length::Known(body.len() as u64);
             exchange.respond(status, &[JSON], length, &mut io::Cursor::new(body))
+        }
+        Reply::Page {
+            status,
+            headers,
+            body,
+        } => {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(name, value)| (*name, value.as_str()))
+                .collect();
+            let length = Length::Known(body.len() as u64);
+            exchange.respond(status, &headers, length, &mut io::Cursor::new(body))
         }
         Reply::Stream {
             headers,

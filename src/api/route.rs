@@ -2,7 +2,7 @@
 
 use crate::server::http::Method;
 
-use super::{App, Reply, Request, environments, paths::PREFIX, runners};
+use super::{App, Reply, Request, environments, paths::PREFIX, runners, status};
 use crate::{
     error::{Error, Result},
     id::EnvironmentId,
@@ -41,12 +41,23 @@ pub enum Route {
     WebSocket(String),
     /// `GET /metrics`: Prometheus' text format (not a Poseidon route)
     Metrics,
+    /// `GET /` (outside `/api/v1`): the status page for browsers
+    StatusPage,
+    /// `POST /`: the status page's login form
+    StatusLogin,
 }
 
 impl Route {
     /// Matches a request; unknown paths are [`Error::NotFound`], known paths with another
     /// method [`Error::MethodNotAllowed`].
     pub fn parse(method: &Method, path: &str) -> Result<Route> {
+        if path == "/" {
+            return match method {
+                Method::Get => Ok(Route::StatusPage),
+                Method::Post => Ok(Route::StatusLogin),
+                _ => Err(Error::MethodNotAllowed),
+            };
+        }
         let rest = path
             .strip_prefix(PREFIX)
             .and_then(|rest| rest.strip_prefix('/'))
@@ -86,8 +97,12 @@ impl Route {
     }
 
     /// Whether the route requires the `Poseidon-Token` (all but health and version).
+    /// The status page checks the token itself (it also takes its login cookie).
     pub fn needs_token(&self) -> bool {
-        !matches!(self, Route::Health | Route::Version)
+        !matches!(
+            self,
+            Route::Health | Route::Version | Route::StatusPage | Route::StatusLogin
+        )
     }
 
     /// The route's name in metrics.
@@ -108,6 +123,8 @@ impl Route {
             Route::Execute(_) => "execute",
             Route::WebSocket(_) => "websocket",
             Route::Metrics => "metrics",
+            Route::StatusPage => "status_page",
+            Route::StatusLogin => "status_login",
         }
     }
 
@@ -129,6 +146,8 @@ impl Route {
             Route::Execute(id) => runners::execute(app, &id, request),
             Route::WebSocket(id) => runners::websocket_on_http(app, &id),
             Route::Metrics => environments::metrics(app),
+            Route::StatusPage => status::show(app, request),
+            Route::StatusLogin => status::login(app, request),
         }
     }
 }

@@ -340,7 +340,8 @@ fn unknown_routes_are_404_with_an_empty_body() {
             assert_empty(&answer, 404, &format!("{path} with {token:?}"));
         }
     }
-    for path in ["/health", "/api/health", "/api/v2/health", "/", "/api/v1"] {
+    // `/` is the status page (tests/status_page.rs).
+    for path in ["/health", "/api/health", "/api/v2/health", "/api/v1"] {
         let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let answer = raw(&server, &request);
         assert_eq!(status_and_body(&answer), (404, ""), "{path}: {answer}");

@@ -230,3 +230,30 @@ fn pipelined_and_chunked_requests_are_served_in_order() {
     assert!(answer.contains("HTTP/1.1 200"), "{answer:?}");
     assert!(answer.contains("\"memoryLimit\":64"), "{answer:?}");
 }
+
+#[test]
+fn a_client_that_takes_a_download_too_slowly_is_cut_off() {
+    let server = TestServer::start_with(|config| config.server.http_timeout_secs = 1);
+    let runner = server.ready_runner();
+    let made = server.run(&runner, "head -c 40000000 /dev/zero > big && echo made");
+    assert_eq!(made.stdout, "made\r\n");
+    let mut stream = connect(server.handle().http_addr());
+    let request = format!("GET /api/v1/runners/{runner}/files/raw?path=big HTTP/1.1\r\n\r\n");
+    stream.write_all(request.as_bytes()).expect("write");
+    // 64 KiB every 100 ms: each write of the server makes progress well within its timeout,
+    // but the whole answer would take a minute.
+    let mut received = 0;
+    let mut chunk = vec![0; 64 << 10];
+    while received < 20_000_000 {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => received += read,
+        }
+        thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        received < 20_000_000,
+        "the slow client got {received} bytes"
+    );
+    assert_eq!(server.get("/health").status, 204);
+}

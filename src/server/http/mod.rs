@@ -6,7 +6,10 @@
 pub mod conn;
 pub mod head;
 
-use std::io::{self, BufWriter, Read, Write};
+use std::{
+    io::{self, BufWriter, Read, Write},
+    time::{Duration, Instant},
+};
 
 use self::conn::Body;
 pub use self::{
@@ -99,7 +102,15 @@ impl Exchange {
         if !self.body.finished() {
             self.keep_alive = false;
         }
-        let mut out = BufWriter::with_capacity(64 << 10, &self.conn.stream);
+        let timeout = self.conn.stream.write_timeout().ok().flatten();
+        let paced = Paced {
+            stream: &self.conn.stream,
+            timeout: timeout.unwrap_or(Duration::from_secs(60)),
+            current: timeout,
+            started: Instant::now(),
+            written: 0,
+        };
+        let mut out = BufWriter::with_capacity(64 << 10, paced);
         conn::write_head(&mut out, status, headers, length, self.keep_alive)?;
         let result = conn::write_body(&mut out, body, length);
         if result.is_err() {
@@ -165,6 +176,53 @@ impl Exchange {
             }
         }
         Ok(total)
+    }
+}
+
+/// Bytes per second a client must take on average once the first timeout has passed: a client
+/// that reads a download a little at a time cannot hold a worker for long (CodeOcean fetches
+/// files over a local network, far faster).
+const MIN_RATE: u64 = 1 << 20;
+
+/// The socket, for an answer: each write waits at most the timeout, and no longer than the
+/// answer may take at [`MIN_RATE`].
+struct Paced<'a> {
+    stream: &'a std::net::TcpStream,
+    timeout: Duration,
+    current: Option<Duration>,
+    started: Instant,
+    written: u64,
+}
+
+impl Write for Paced<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let allowed = self.timeout + Duration::from_secs(self.written / MIN_RATE);
+        let left = allowed.saturating_sub(self.started.elapsed());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client takes the answer too slowly",
+            ));
+        }
+        let wanted = left.min(self.timeout);
+        if self.current != Some(wanted) {
+            self.stream.set_write_timeout(Some(wanted))?;
+            self.current = Some(wanted);
+        }
+        let written = self.stream.write(buf)?;
+        self.written += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Paced<'_> {
+    fn drop(&mut self) {
+        // The next request's answer starts with the usual timeout.
+        let _ = self.stream.set_write_timeout(Some(self.timeout));
     }
 }
 

@@ -9,6 +9,9 @@
 //! prewarm 100 runners, and the server's RSS idle and with 1,000 idle runners. A second
 //! server with `--state-sync true` measures the claim latency when every runner record is
 //! flushed to the disk before the answer.
+//! Then images (`dashboard/images.rs`): pull + unpack of an image from a local registry beside
+//! `tar -xzf` of its layers, and prewarm per runner of a store image beside a directory and
+//! the host image.
 //!
 //! Progress goes to stderr, the table to stdout, the figures as JSON to
 //! `target/bench/results.json`. A missed target is reported, not a failure; a server that
@@ -22,6 +25,8 @@ mod bench;
 mod client;
 #[path = "dashboard/executions.rs"]
 mod executions;
+#[path = "dashboard/images.rs"]
+mod images;
 #[path = "dashboard/report.rs"]
 mod report;
 #[path = "dashboard/server.rs"]
@@ -58,7 +63,12 @@ fn main() {
             }
         }
     }
+    let images = images::measure(binary(), &|state| server_args("sandbox", state));
     print!("{}", table::table(&results));
+    match &images {
+        Ok(figures) => print!("{}", figures.show()),
+        Err(reason) => println!("\nimages: {reason}"),
+    }
     let path = results_path();
     let load_after = load_average();
     println!("load average (1, 5, 15 min) before / after: {load_before} / {load_after}");
@@ -71,7 +81,11 @@ fn main() {
         println!("note: other work was running on this host; it skews the figures");
     }
     let load = json!({"before": load_before, "after": load_after});
-    let document = table::to_json(&results, host(load));
+    let mut document = table::to_json(&results, host(load));
+    document["images"] = match &images {
+        Ok(figures) => figures.to_json(),
+        Err(reason) => json!({"not_measured": reason}),
+    };
     let written = fs::create_dir_all(path.parent().expect("a parent"))
         .and_then(|()| fs::write(&path, format!("{document:#}\n")));
     if let Err(err) = written {

@@ -343,30 +343,17 @@ impl Store {
                 unpacked: false,
             };
             let blob_path = staging.join(format!("layer-{i}"));
-            {
-                let mut input = Hashing::new(source.open(layer, &digest)?, size, "layer blob");
-                let mut output = File::create(&blob_path)?;
-                let mut buf = vec![0; 256 * 1024];
-                loop {
-                    let n = input
-                        .read(&mut buf)
-                        .map_err(|e| Error::Registry(format!("{what}: {e}")))?;
-                    if n == 0 {
-                        break;
+            // A broken connection (not a wrong blob) is tried again, from the start.
+            let mut attempt = 1;
+            loop {
+                step.received = 0;
+                match fetch(source, layer, &digest, &blob_path, &mut step, progress) {
+                    Err(Error::Registry(e)) if attempt < 3 => {
+                        log::warn!("{what}: {e}; downloading it again");
+                        attempt += 1;
                     }
-                    output.write_all(&buf[..n])?;
-                    step.received += n as u64;
-                    if step.received == size || step.received % (8 << 20) < n as u64 {
-                        progress(&step);
-                    }
+                    other => break other?,
                 }
-                let (actual, n) = input.finish()?;
-                if n != size {
-                    return Err(Error::Image(format!(
-                        "{what}: {n} bytes received, {size} expected"
-                    )));
-                }
-                verify(&what, &digest, &actual)?;
             }
             unpacker.apply(File::open(&blob_path)?, &diff_id, &what)?;
             fs::remove_file(&blob_path)?;
@@ -430,6 +417,39 @@ impl Store {
             }
         }
     }
+}
+
+/// Downloads the blob of `layer` into `path`, checking its size and digest.
+fn fetch(
+    source: &mut dyn BlobSource,
+    layer: &Descriptor,
+    digest: &Digest,
+    path: &Path,
+    step: &mut Progress,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<()> {
+    let what = format!("layer {} of {} ({})", step.layer, step.layers, digest.short());
+    let mut input = Hashing::new(source.open(layer, digest)?, step.size, "layer blob");
+    let mut output = File::create(path)?;
+    let mut buf = vec![0; 256 * 1024];
+    loop {
+        let n = input
+            .read(&mut buf)
+            .map_err(|e| Error::Registry(format!("{what}: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        output.write_all(&buf[..n])?;
+        step.received += n as u64;
+        if step.received == step.size || step.received % (8 << 20) < n as u64 {
+            progress(step);
+        }
+    }
+    let (actual, n) = input.finish()?;
+    if n != step.size {
+        return Err(Error::Image(format!("{what}: {n} bytes received, {} expected", step.size)));
+    }
+    verify(&what, digest, &actual)
 }
 
 /// The mount points the sandbox uses must be plain directories in the image (not symlinks a

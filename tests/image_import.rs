@@ -12,7 +12,7 @@ use std::{
 
 use image_support::{
     Image, Layer,
-    archives::{docker_save, docker_save_oci, gzip, oci_layout, tar_of, zstd},
+    archives::{containerd_save, docker_save, docker_save_oci, gzip, oci_layout, tar_of, zstd},
     build::busybox_layer,
 };
 use poseidon_lite::image::{Limits, Store, import};
@@ -89,6 +89,12 @@ fn docker_save_archives_of_every_generation() {
     let files = tempfile::tempdir().unwrap();
     let docker25 = files.path().join("docker25");
     docker_save_oci(&docker25, &image("docker25\n"), "course/hybrid:2");
+    let containerd = files.path().join("containerd");
+    containerd_save(
+        &containerd,
+        &image("containerd\n"),
+        "docker.io/course/multi:3",
+    );
     let cases: Vec<(Vec<u8>, &str, &str)> = vec![
         (
             docker_save(&image("legacy\n"), &["course/legacy:1"], false),

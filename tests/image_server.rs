@@ -283,3 +283,111 @@ fn imported_images_are_used_by_name_on_an_offline_server() {
         assert_eq!(seen, format!("{content}\r\nfrom-image\r\n1001\r\n"));
     }
 }
+
+#[test]
+fn a_private_registry_behind_a_bearer_token_challenge_works_with_the_auth_file() {
+    if !image_support::isolate_network() {
+        return;
+    }
+    let registry = Registry::start();
+    registry.push("private/course", "1", &course_image("private\n"));
+    let front = TokenFront::start(registry.url());
+    let auth = tempfile::NamedTempFile::new().unwrap();
+    let credentials = format!(
+        "{}:{}",
+        image_support::token::USER,
+        image_support::token::PASSWORD
+    );
+    let encoded = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, credentials);
+    std::fs::write(
+        auth.path(),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{encoded}"}}}}}}"#, front.host),
+    )
+    .unwrap();
+    let name = format!("{}/private/course:1", front.host);
+    let anonymous = server(|_| {});
+    let refused = put(&anonymous, 1, &name, 1);
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(
+        refused
+            .message()
+            .contains("refused access to private/course"),
+        "{}",
+        refused.message()
+    );
+    let path = auth.path().to_owned();
+    let server = server(move |config| config.images.auth_file = Some(path));
+    assert_eq!(put(&server, 1, &name, 1).status, 201);
+    server.wait_idle(1, 1);
+    let runner = server.runner(1, 0);
+    assert_eq!(
+        server.run(&runner, "cat /etc/image-marker").stdout,
+        "private\r\n"
+    );
+}
+
+#[test]
+fn a_hostile_image_fails_its_pull_and_leaves_the_host_and_the_server_alone() {
+    if !image_support::isolate_network() {
+        return;
+    }
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("canary"), "host\n").unwrap();
+    let target = host.path().to_str().unwrap().to_owned();
+    // A symlink to the host, then a write through it in the next layer, then `..`.
+    let first = Layer::builder().symlink("escape", &target).gzip();
+    let second = Layer::builder()
+        .file("escape/canary", b"pwned\n")
+        .file("escape/new", b"x")
+        .gzip();
+    let third = Layer::builder()
+        .file("../../../../../../tmp/pwned", b"x")
+        .gzip();
+    let registry = Registry::start();
+    registry.push(
+        "evil/escape",
+        "1",
+        &Image::new(vec![busybox_layer(), first, second, third], &[]),
+    );
+    let server = server(|_| {});
+    let answer = put(&server, 1, &format!("{}/evil/escape:1", registry.host), 1);
+    assert_eq!(
+        answer.status,
+        201,
+        "the manifest is fine: {}",
+        answer.text()
+    );
+    let claim = server.send(
+        "POST",
+        "/runners",
+        &json!({"executionEnvironmentId": 1, "inactivityTimeout": 0}),
+    );
+    assert_eq!(claim.status, 400, "the pull failed: {}", claim.text());
+    // The write through the planted link fails inside the image (its target does not exist
+    // there); the `..` layer would have been refused.
+    assert!(
+        claim.message().contains("layer 3 of 4"),
+        "{}",
+        claim.message()
+    );
+    let stats = server.get("/statistics/execution-environments").json();
+    assert_eq!(stats["1"]["idleRunners"], json!(0));
+    assert_eq!(
+        std::fs::read_to_string(host.path().join("canary")).unwrap(),
+        "host\n"
+    );
+    assert_eq!(
+        std::fs::read_dir(host.path()).unwrap().count(),
+        1,
+        "nothing created on the host"
+    );
+    assert!(!std::path::Path::new("/tmp/pwned").exists());
+    assert_eq!(server.get("/health").status, 204);
+    let images = server.state.path().join("images");
+    assert_eq!(std::fs::read_dir(images.join("rootfs")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(images.join("tmp")).unwrap().count(),
+        0,
+        "the staging directory is gone"
+    );
+}

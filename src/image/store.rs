@@ -428,7 +428,12 @@ fn fetch(
     step: &mut Progress,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<()> {
-    let what = format!("layer {} of {} ({})", step.layer, step.layers, digest.short());
+    let what = format!(
+        "layer {} of {} ({})",
+        step.layer,
+        step.layers,
+        digest.short()
+    );
     let mut input = Hashing::new(source.open(layer, digest)?, step.size, "layer blob");
     let mut output = File::create(path)?;
     let mut buf = vec![0; 256 * 1024];
@@ -447,7 +452,10 @@ fn fetch(
     }
     let (actual, n) = input.finish()?;
     if n != step.size {
-        return Err(Error::Image(format!("{what}: {n} bytes received, {} expected", step.size)));
+        return Err(Error::Image(format!(
+            "{what}: {n} bytes received, {} expected",
+            step.size
+        )));
     }
     verify(&what, digest, &actual)
 }

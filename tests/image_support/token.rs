@@ -30,19 +30,29 @@ pub struct TokenFront {
     pub tokens: Arc<AtomicU32>,
     /// Requests refused for a missing token.
     pub challenges: Arc<AtomicU32>,
+    /// Requests answered 503 (flaky fronts).
+    pub failures: Arc<AtomicU32>,
+    /// Blob requests redirected to the registry (flaky fronts).
+    pub redirects: Arc<AtomicU32>,
     gate: Option<crossbeam_channel::Sender<()>>,
 }
 
 impl TokenFront {
     /// Starts a front for the registry at `upstream` (`http://127.0.0.1:<port>`).
     pub fn start(upstream: String) -> TokenFront {
-        Self::with(upstream, true, Vec::new())
+        Self::with(upstream, true, Vec::new(), false)
+    }
+
+    /// A front that answers every other request with 503 and redirects blob downloads to the
+    /// registry itself, as registries redirect to their storage.
+    pub fn flaky(upstream: String) -> TokenFront {
+        Self::with(upstream, false, Vec::new(), true)
     }
 
     /// A front without authentication whose downloads of the `held` blobs wait until
     /// [`TokenFront::open`].
     pub fn gated(upstream: String, held: Vec<String>) -> TokenFront {
-        Self::with(upstream, false, held)
+        Self::with(upstream, false, held, false)
     }
 
     /// Lets held and later blob downloads through.
@@ -50,8 +60,11 @@ impl TokenFront {
         self.gate = None;
     }
 
-    fn with(upstream: String, auth: bool, held: Vec<String>) -> TokenFront {
+    fn with(upstream: String, auth: bool, held: Vec<String>, flaky: bool) -> TokenFront {
         let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
+        let failures = Arc::new(AtomicU32::new(0));
+        let redirects = Arc::new(AtomicU32::new(0));
+        let requests = AtomicU32::new(0);
         let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
         let host = server.server_addr().to_ip().unwrap().to_string();
         let tokens = Arc::new(AtomicU32::new(0));
@@ -63,8 +76,23 @@ impl TokenFront {
                 tokens.clone(),
                 challenges.clone(),
             );
+            let (failures, redirects) = (failures.clone(), redirects.clone());
             thread::spawn(move || {
                 for request in server.incoming_requests() {
+                    if flaky && requests.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                        request.respond(tiny_http::Response::empty(503)).ok();
+                        continue;
+                    }
+                    if flaky && request.url().contains("/blobs/") {
+                        redirects.fetch_add(1, Ordering::SeqCst);
+                        let location = format!("{upstream}{}", request.url());
+                        let header = tiny_http::Header::from_bytes("Location", location).unwrap();
+                        request
+                            .respond(tiny_http::Response::empty(307).with_header(header))
+                            .ok();
+                        continue;
+                    }
                     let (upstream, host) = (upstream.clone(), host.clone());
                     let (tokens, challenges) = (tokens.clone(), challenges.clone());
                     let gate = gate_rx.clone();
@@ -87,6 +115,8 @@ impl TokenFront {
             host,
             tokens,
             challenges,
+            failures,
+            redirects,
             gate: Some(gate),
         }
     }

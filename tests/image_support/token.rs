@@ -79,7 +79,7 @@ impl TokenFront {
             let (failures, redirects) = (failures.clone(), redirects.clone());
             thread::spawn(move || {
                 for request in server.incoming_requests() {
-                    if flaky && requests.fetch_add(1, Ordering::SeqCst) % 2 == 0 {
+                    if flaky && requests.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
                         failures.fetch_add(1, Ordering::SeqCst);
                         request.respond(tiny_http::Response::empty(503)).ok();
                         continue;

@@ -254,3 +254,37 @@ fn transient_failures_are_retried_and_blob_redirects_followed() {
         "the config and the layer came through redirects"
     );
 }
+
+#[test]
+fn https_registries_are_trusted_through_the_ca_file() {
+    // The mirror is the only place the image is; Docker Hub would be next.
+    if !image_support::isolate_network() {
+        return;
+    }
+    let (registry, cert) = Registry::start_tls();
+    assert!(registry.url().starts_with("https://"));
+    registry.push(
+        "course/tls",
+        "1",
+        &Image::new(vec![busybox_layer()], &["TLS=1"]),
+    );
+    let reference = Reference::parse("course/tls:1").unwrap();
+    let mirrors = vec![registry.url()];
+    let (_state, store) = store();
+    let untrusted = client(RegistryConfig {
+        mirrors: mirrors.clone(),
+        ..RegistryConfig::default()
+    });
+    let err = pull::resolve(&untrusted, &reference).unwrap_err();
+    assert!(
+        matches!(err, Error::Registry(_)),
+        "an unknown certificate is refused: {err:?}"
+    );
+    let trusted = client(RegistryConfig {
+        mirrors,
+        ca_file: Some(cert),
+        ..RegistryConfig::default()
+    });
+    let stored = pull::pull(&store, &trusted, &reference, &mut |_| {}).unwrap();
+    assert_eq!(stored.env, ["TLS=1"]);
+}

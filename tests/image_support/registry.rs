@@ -15,12 +15,99 @@ pub struct Registry {
     /// `127.0.0.1:<port>`.
     pub host: String,
     _dir: tempfile::TempDir,
+    tls: bool,
 }
 
 impl Registry {
     /// Starts a registry; panics with the reason if it does not answer within 20 s.
     pub fn start() -> Registry {
+        Self::start_with(None)
+    }
+
+    /// Starts a registry serving HTTPS with a certificate for 127.0.0.1 made by `openssl`;
+    /// returns it and the PEM file of the CA that signed the certificate.
+    pub fn start_tls() -> (Registry, std::path::PathBuf) {
+        let registry = Self::start_with(Some(()));
+        let cert = registry._dir.path().join("ca.pem");
+        (registry, cert)
+    }
+
+    fn start_with(tls: Option<()>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
+        let mut tls_config = String::new();
+        if tls.is_some() {
+            // A CA and a server certificate for 127.0.0.1 signed by it (webpki accepts no
+            // self-signed server certificate as its own root).
+            let path = |name: &str| dir.path().join(name);
+            let ext = path("ext.cnf");
+            std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+            let openssl = |args: &[&std::ffi::OsStr]| {
+                let status = Command::new("openssl")
+                    .args(args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .expect("openssl must be installed");
+                assert!(status.success(), "openssl {args:?} failed");
+            };
+            let os = |s: &'static str| std::ffi::OsStr::new(s);
+            let ec = [
+                os("-newkey"),
+                os("ec"),
+                os("-pkeyopt"),
+                os("ec_paramgen_curve:prime256v1"),
+                os("-nodes"),
+            ];
+            let mut ca = vec![
+                os("req"),
+                os("-x509"),
+                os("-days"),
+                os("1"),
+                os("-subj"),
+                os("/CN=poseidon-lite test CA"),
+            ];
+            ca.extend(ec);
+            let (ca_key, ca_pem, key, csr, cert) = (
+                path("ca.key"),
+                path("ca.pem"),
+                path("key.pem"),
+                path("server.csr"),
+                path("server.pem"),
+            );
+            ca.extend([
+                os("-keyout"),
+                ca_key.as_os_str(),
+                os("-out"),
+                ca_pem.as_os_str(),
+            ]);
+            openssl(&ca);
+            let mut req = vec![os("req"), os("-subj"), os("/CN=127.0.0.1")];
+            req.extend(ec);
+            req.extend([os("-keyout"), key.as_os_str(), os("-out"), csr.as_os_str()]);
+            openssl(&req);
+            openssl(&[
+                os("x509"),
+                os("-req"),
+                os("-days"),
+                os("1"),
+                os("-in"),
+                csr.as_os_str(),
+                os("-CA"),
+                ca_pem.as_os_str(),
+                os("-CAkey"),
+                ca_key.as_os_str(),
+                os("-CAcreateserial"),
+                os("-extfile"),
+                ext.as_os_str(),
+                os("-out"),
+                cert.as_os_str(),
+            ]);
+            tls_config = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            );
+        }
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -31,7 +118,7 @@ impl Registry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n{tls_config}",
                 dir.path().join("storage").display()
             ),
         )
@@ -48,6 +135,7 @@ impl Registry {
             child,
             host,
             _dir: dir,
+            tls: tls.is_some(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         let agent = agent();
@@ -64,9 +152,10 @@ impl Registry {
         }
     }
 
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.host)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.host)
     }
 
     /// Pushes `image` as `repository:tag`; returns the manifest digest.

@@ -7,6 +7,7 @@ pub mod commands;
 pub mod digest;
 pub mod import;
 pub mod inroot;
+mod install;
 pub mod manifest;
 pub mod passwd;
 pub mod pull;

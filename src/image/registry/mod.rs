@@ -3,15 +3,13 @@
 //! transient failures. TLS is rustls with the system's root certificates (plus `ca_file`).
 
 pub mod auth;
+mod tls;
 
 use std::{
     collections::HashMap, io::Read, net::IpAddr, path::PathBuf, sync::Mutex, thread, time::Duration,
 };
 
-use ureq::{
-    Agent,
-    tls::{PemItem, RootCerts, TlsConfig},
-};
+use ureq::{Agent, tls::TlsConfig};
 
 use self::auth::{Challenge, Credentials, token_from};
 use super::{
@@ -34,12 +32,6 @@ pub struct RegistryConfig {
     pub auth_file: Option<PathBuf>,
 }
 
-/// Where the system keeps its PEM bundle (Debian, Fedora, Alpine, …).
-const SYSTEM_BUNDLES: &[&str] = &[
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-];
 const ATTEMPTS: u32 = 4;
 
 /// One place a repository can be fetched from.
@@ -97,7 +89,7 @@ impl Client {
             None => Credentials::default(),
         };
         let tls = TlsConfig::builder()
-            .root_certs(roots(config.ca_file.as_deref())?)
+            .root_certs(tls::roots(config.ca_file.as_deref())?)
             .build();
         let agent = Agent::config_builder()
             .http_status_as_error(false)
@@ -365,30 +357,6 @@ fn registry_error(body: &[u8]) -> Option<String> {
 fn host_of(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     rest.split('/').next().unwrap_or(rest).to_owned()
-}
-
-/// The system's PEM bundle (`SSL_CERT_FILE` first) plus `ca_file`. The bundled Mozilla roots
-/// are the fallback when the system has none.
-fn roots(ca_file: Option<&std::path::Path>) -> Result<RootCerts> {
-    let mut certs = Vec::new();
-    let env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-    let system = env
-        .into_iter()
-        .chain(SYSTEM_BUNDLES.iter().map(PathBuf::from))
-        .find(|p| p.is_file());
-    for path in system.iter().map(PathBuf::as_path).chain(ca_file) {
-        let pem = std::fs::read(path)
-            .map_err(|e| Error::Internal(format!("cannot read {}: {e}", path.display())))?;
-        for item in ureq::tls::parse_pem(&pem) {
-            if let Ok(PemItem::Certificate(cert)) = item {
-                certs.push(cert);
-            }
-        }
-    }
-    if certs.is_empty() {
-        return Ok(RootCerts::WebPki);
-    }
-    Ok(RootCerts::new_with_certs(&certs))
 }
 
 #[cfg(test)]

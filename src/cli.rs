@@ -24,7 +24,7 @@ pub struct Cli {
     pub command: Option<Command>,
 
     /// TOML configuration file (sections `[server]`, `[runner]`, `[sandbox]`, `[network]`,
-    /// `[images]`, `[state]`, `[logger]`, `[metrics]`).
+    /// `[images]`, `[state]`, `[logger]`, `[metrics]`, `[influxdb]`).
     #[arg(long, env = "POSEIDON_CONFIG", value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
 
@@ -256,6 +256,23 @@ pub struct Cli {
     /// back. Run it only while no server runs on the state directory.
     #[arg(long)]
     pub destroy_runners: bool,
+    /// influxdb.url: InfluxDB v2 to push Poseidon's measurements to, e.g. http://influxdb:8086
+    /// [default: none, off].
+    #[arg(long, env = "POSEIDON_INFLUXDB_URL")]
+    pub influxdb_url: Option<String>,
+    /// influxdb.token: InfluxDB API token.
+    #[arg(long, env = "POSEIDON_INFLUXDB_TOKEN", hide_env_values = true)]
+    pub influxdb_token: Option<String>,
+    /// influxdb.organization: InfluxDB organization.
+    #[arg(long, env = "POSEIDON_INFLUXDB_ORGANIZATION")]
+    pub influxdb_organization: Option<String>,
+    /// influxdb.bucket: InfluxDB bucket.
+    #[arg(long, env = "POSEIDON_INFLUXDB_BUCKET")]
+    pub influxdb_bucket: Option<String>,
+    /// influxdb.stage: tag `stage` of every point.
+    #[arg(long, env = "POSEIDON_INFLUXDB_STAGE")]
+    pub influxdb_stage: Option<String>,
+
     /// logger.level: error, warn, info, debug (one line per request) or trace [default: info].
     #[arg(long, env = "POSEIDON_LOGGER_LEVEL", global = true)]
     pub log_level: Option<String>,
@@ -439,6 +456,12 @@ impl Cli {
         set(&mut config.state.sync, self.state_sync);
         set(&mut config.logger.level, self.log_level);
         set_some(&mut config.metrics.listen, self.metrics_listen);
+        let influxdb = &mut config.influxdb;
+        set(&mut influxdb.url, self.influxdb_url);
+        set(&mut influxdb.token, self.influxdb_token);
+        set(&mut influxdb.organization, self.influxdb_organization);
+        set(&mut influxdb.bucket, self.influxdb_bucket);
+        set(&mut influxdb.stage, self.influxdb_stage);
         Ok(config)
     }
 }

@@ -30,6 +30,43 @@ pub struct Config {
     pub logger: LoggerConfig,
     /// Metrics.
     pub metrics: MetricsConfig,
+    /// Poseidon's InfluxDB monitoring.
+    pub influxdb: InfluxdbConfig,
+}
+
+/// `[influxdb]`: Poseidon's InfluxDB v2 monitoring (its keys and environment variables);
+/// off while `url` is empty.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InfluxdbConfig {
+    /// Base URL of InfluxDB, e.g. `http://influxdb:8086`; empty = off.
+    pub url: String,
+    /// API token.
+    pub token: String,
+    /// Organization.
+    pub organization: String,
+    /// Bucket.
+    pub bucket: String,
+    /// Tag `stage` of every point (e.g. `production`).
+    pub stage: String,
+    /// Pause before a failed write is tried again, in milliseconds (Poseidon: 5 s, 50 tries).
+    pub retry_interval_ms: u64,
+    /// Interval of the periodic pool and execution points, in seconds (Poseidon: 60).
+    pub interval_secs: u64,
+}
+
+impl Default for InfluxdbConfig {
+    fn default() -> Self {
+        InfluxdbConfig {
+            url: String::new(),
+            token: String::new(),
+            organization: String::new(),
+            bucket: String::new(),
+            stage: String::new(),
+            retry_interval_ms: 5000,
+            interval_secs: 60,
+        }
+    }
 }
 
 /// `[metrics]`: Prometheus metrics (always at `GET /api/v1/metrics` with the token).

@@ -88,11 +88,21 @@ pub fn put(app: &App, id: EnvironmentId, request: &Request) -> Result<Reply> {
     let environment: Environment = dto::parse(&request.body)?;
     environment.check_bounds().map_err(Error::bad_request)?;
     let created = app.manager.put_environment(id, environment)?;
+    if app.metrics.influx_on()
+        && let Ok(environment) = app.manager.environment(id)
+    {
+        let count = app.manager.statistics().len();
+        app.metrics.environment_stored(&environment, created, count);
+    }
     Ok(Reply::Empty(if created { 201 } else { 204 }))
 }
 
 /// `DELETE /execution-environments/{id}`.
 pub fn delete(app: &App, id: EnvironmentId) -> Result<Reply> {
     app.manager.delete_environment(id)?;
+    if app.metrics.influx_on() {
+        let count = app.manager.statistics().len();
+        app.metrics.environment_deleted(id.0, count);
+    }
     Ok(Reply::Empty(204))
 }

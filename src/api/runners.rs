@@ -33,6 +33,7 @@ pub fn provide(app: &App, request: &Request) -> Result<Reply> {
         Duration::from_secs(timeout),
     )?;
     app.metrics.claim(started.elapsed());
+    used_runners(app, &id, "creation");
     // Deleted meanwhile: the client learns that on its next request.
     let mapped_ports = app
         .manager
@@ -56,8 +57,23 @@ pub fn provide(app: &App, request: &Request) -> Result<Reply> {
 
 /// `DELETE /runners/{id}`.
 pub fn delete(app: &App, id: &str) -> Result<Reply> {
-    app.manager.delete_runner(&runner_id(id)?)?;
+    let id = runner_id(id)?;
+    app.manager.delete_runner(&id)?;
+    used_runners(app, &id, "deletion");
     Ok(Reply::Empty(204))
+}
+
+/// Poseidon's `poseidon_used_runners` point for a claim or a deletion.
+fn used_runners(app: &App, id: &RunnerId, event: &'static str) {
+    if !app.metrics.influx_on() {
+        return;
+    }
+    let environment = id.to_string();
+    let environment = environment.split('-').next().unwrap_or_default();
+    let used = (app.manager.statistics().into_iter())
+        .find(|pool| pool.id.to_string() == environment)
+        .map_or(0, |pool| pool.used_runners);
+    app.metrics.runner_used(&id.to_string(), event, used);
 }
 
 /// `GET /runners/{id}/files`: streamed listing; `recursive` defaults to true.

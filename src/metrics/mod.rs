@@ -7,19 +7,23 @@
 //! here: they are read from the manager when rendering.
 
 mod histogram;
+pub mod influx;
 pub mod process;
 pub mod text;
 
 use std::{
     collections::{BTreeMap, VecDeque},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant, SystemTime},
 };
 
 pub use histogram::{BUCKETS, Histogram, Snapshot};
+use influx::{Field, Influx, Point};
+
+use crate::dto::{Environment, EnvironmentStatistics};
 
 /// Recent notices kept for the status page.
 const RECENT: usize = 20;
@@ -115,6 +119,8 @@ pub struct Metrics {
     running: Mutex<BTreeMap<u64, RunningExecution>>,
     pulling: Mutex<BTreeMap<u64, PullInProgress>>,
     recent: Mutex<VecDeque<Notice>>,
+    /// Poseidon's InfluxDB measurements, when configured.
+    influx: RwLock<Option<Influx>>,
 }
 
 impl Default for Metrics {
@@ -137,6 +143,7 @@ impl Default for Metrics {
             running: Mutex::default(),
             pulling: Mutex::default(),
             recent: Mutex::default(),
+            influx: RwLock::default(),
         }
     }
 }
@@ -144,11 +151,123 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts one answered request of `route` (a [`crate::api::Route`] name).
     pub fn request(&self, route: &'static str, status: u16, duration: Duration) {
-        let mut requests = self.requests.lock().expect("metrics poisoned");
-        requests
-            .entry((route, status))
-            .or_default()
-            .observe(duration);
+        {
+            let mut requests = self.requests.lock().expect("metrics poisoned");
+            requests
+                .entry((route, status))
+                .or_default()
+                .observe(duration);
+        }
+        if let Some(name) = influx::poseidon_route(route) {
+            let nanos = i64::try_from(duration.as_nanos()).unwrap_or(i64::MAX);
+            self.point(|| {
+                Point::new(format!("poseidon_{name}"))
+                    .tag("status", status)
+                    .field("duration", Field::Int(nanos))
+            });
+        }
+    }
+
+    /// Sends Poseidon's measurements to InfluxDB from now on (until [`Metrics::stop_influx`]).
+    pub fn start_influx(&self, influx: Influx) {
+        *self.influx.write().expect("metrics poisoned") = Some(influx);
+    }
+
+    /// Whether InfluxDB points are sent.
+    pub fn influx_on(&self) -> bool {
+        self.influx.read().expect("metrics poisoned").is_some()
+    }
+
+    /// Stops queueing InfluxDB points; the writer finishes what is queued.
+    pub fn stop_influx(&self) {
+        self.influx.write().expect("metrics poisoned").take();
+    }
+
+    /// Queues the point `make` builds, if InfluxDB is configured (it is built only then).
+    fn point(&self, make: impl FnOnce() -> Point) {
+        if let Some(influx) = self.influx.read().expect("metrics poisoned").as_ref() {
+            influx.push(&make());
+        }
+    }
+
+    /// An environment was created or replaced; `count` environments exist now.
+    pub fn environment_stored(&self, environment: &Environment, created: bool, count: usize) {
+        let id = environment.id;
+        let size = i64::from(environment.prewarming_pool_size);
+        self.point(|| {
+            Point::new("poseidon_poolsize")
+                .tag("environment_id", id)
+                .field("prewarming_pool_size", Field::Int(size))
+        });
+        if created {
+            self.point(|| {
+                Point::new("poseidon_environments")
+                    .tag("id", id)
+                    .tag("event_type", "creation")
+                    .field("count", Field::Int(count as i64))
+                    .field("image", Field::Text(environment.image.clone()))
+                    .field("cpu_limit", Field::Int(i64::from(environment.cpu_limit)))
+                    .field(
+                        "memory_limit",
+                        Field::Int(i64::from(environment.memory_limit)),
+                    )
+                    .field("network_access", Field::Bool(environment.network_access))
+            });
+        }
+    }
+
+    /// An environment was deleted; `count` environments are left.
+    pub fn environment_deleted(&self, id: u64, count: usize) {
+        self.point(|| {
+            Point::new("poseidon_environments")
+                .tag("id", id)
+                .tag("event_type", "deletion")
+                .field("count", Field::Int(count as i64))
+        });
+    }
+
+    /// A runner was claimed (`creation`) or deleted (`deletion`); `used` of its environment
+    /// are claimed now.
+    pub fn runner_used(&self, runner: &str, event: &'static str, used: usize) {
+        let environment = runner.split('-').next().unwrap_or_default().to_owned();
+        self.point(|| {
+            Point::new("poseidon_used_runners")
+                .tag("id", runner)
+                .tag("event_type", event)
+                .tag("environment_id", environment)
+                .field("count", Field::Int(used as i64))
+        });
+    }
+
+    /// The periodic points: environments, and per environment idle and used runners and
+    /// running executions.
+    pub fn periodic(&self, pools: &[EnvironmentStatistics]) {
+        let running = self.running();
+        self.point(|| {
+            Point::new("poseidon_environments")
+                .tag("event_type", "periodically")
+                .field("count", Field::Int(pools.len() as i64))
+        });
+        for pool in pools {
+            let prefix = format!("{}-", pool.id);
+            let executions = running
+                .iter()
+                .filter(|execution| execution.runner.starts_with(&prefix))
+                .count();
+            let figures = [
+                ("poseidon_nomad_idle_runners", pool.idle_runners),
+                ("poseidon_used_runners", pool.used_runners),
+                ("poseidon_nomad_executions", executions),
+            ];
+            for (measurement, count) in figures {
+                self.point(|| {
+                    Point::new(measurement)
+                        .tag("environment_id", pool.id)
+                        .tag("event_type", "periodically")
+                        .field("count", Field::Int(count as i64))
+                });
+            }
+        }
     }
 
     /// Times one successful claim of a runner.

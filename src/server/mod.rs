@@ -137,6 +137,12 @@ impl Server {
             .sync_runners(config.state.sync);
         let manager = Arc::new(Manager::new(executor, store, config.runner.capacity)?);
         manager.restore(Instant::now())?;
+        if !config.influxdb.url.is_empty() {
+            // The writer ends by itself once the metrics stop queueing (at shutdown).
+            let (influx, _writer) = crate::metrics::influx::Influx::start(&config.influxdb)?;
+            manager.metrics().start_influx(influx);
+            log::info!("pushing Poseidon's measurements to {}", config.influxdb.url);
+        }
         let app = Arc::new(App {
             metrics: Arc::clone(manager.metrics()),
             manager,
@@ -208,7 +214,25 @@ impl Server {
         }
         let (watchdog_stop, stop) = crossbeam_channel::bounded::<()>(0);
         if let Some(interval) = systemd::watchdog_interval() {
-            threads.push(systemd::spawn_watchdog(self.http_addr, interval, stop)?);
+            threads.push(systemd::spawn_watchdog(
+                self.http_addr,
+                interval,
+                stop.clone(),
+            )?);
+        }
+        if self.app.metrics.influx_on() {
+            let interval = Duration::from_secs(self.config.influxdb.interval_secs.max(1));
+            let app = Arc::clone(&self.app);
+            threads.push(named("influxdb-periodic").spawn(move || {
+                loop {
+                    crossbeam_channel::select! {
+                        recv(stop) -> _ => return,
+                        recv(crossbeam_channel::after(interval)) -> _ => {
+                            app.metrics.periodic(&app.manager.statistics());
+                        }
+                    }
+                }
+            })?);
         }
         Ok(ServerHandle {
             waker: Some(waker),
@@ -257,7 +281,7 @@ pub struct ServerHandle {
     websocket_addr: SocketAddr,
     scrape_addr: Option<SocketAddr>,
     scrape_stop: Arc<AtomicBool>,
-    /// Dropped to stop the watchdog thread.
+    /// Dropped to stop the watchdog and the periodic InfluxDB points.
     watchdog_stop: Option<Sender<()>>,
     app: Arc<App>,
     threads: Vec<JoinHandle<()>>,
@@ -325,6 +349,7 @@ impl ServerHandle {
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+        self.app.metrics.stop_influx();
         log::info!("stopped");
     }
 }

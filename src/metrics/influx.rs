@@ -160,7 +160,11 @@ impl Influx {
         match self.queue.try_send(point.line(&self.stage, nanos)) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
             Err(TrySendError::Full(_)) => {
-                if self.dropped.fetch_add(1, Ordering::Relaxed) % 1000 == 0 {
+                if self
+                    .dropped
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(1000)
+                {
                     log::warn!("InfluxDB is not keeping up: points are dropped");
                 }
             }

@@ -125,6 +125,7 @@ fn measure_executor(executor: &str) -> Result<Outcome, String> {
     };
     let measured = bench.run();
     let mut figures = measured.map_err(|err| format!("{err}\n{}", server.tail(30)))?;
+    figures.record_write = Some(record_writes(state.path())?);
     figures.server_errors = server.errors();
     eprint!("[{executor}] stopping the server (SIGTERM)… ");
     let stop = server.stop()?;
@@ -135,6 +136,26 @@ fn measure_executor(executor: &str) -> Result<Outcome, String> {
         eprintln!("[{executor}] the server logged an error: {line}");
     }
     Ok(Outcome::Measured(Box::new(figures)))
+}
+
+/// Writes 200 files the size of a runner record the way the server does (temporary file,
+/// write, rename) in `dir`'s file system, one after another.
+fn record_writes(dir: &Path) -> Result<report::Percentiles, String> {
+    let dir = dir.join("bench-records");
+    fs::create_dir_all(&dir).map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+    let record = br#"{"id":"2-6f1c0c1e-8f8e-4c4b-9a57-3c2b8b0e6c11","inactivity_timeout":60}"#;
+    let mut times = Vec::with_capacity(200);
+    for n in 0..200 {
+        let path = dir.join(format!("{n}.json"));
+        let temporary = path.with_extension("tmp");
+        let started = Instant::now();
+        fs::write(&temporary, record)
+            .and_then(|()| fs::rename(&temporary, &path))
+            .map_err(|err| format!("cannot write {}: {err}", path.display()))?;
+        times.push(started.elapsed());
+    }
+    let _ = fs::remove_dir_all(&dir);
+    Ok(report::Percentiles::of(&mut times))
 }
 
 /// Claim latency of a second server that flushes every runner record to the disk before

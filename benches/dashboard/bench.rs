@@ -53,6 +53,7 @@ impl Bench<'_> {
             http_floor,
             claim,
             claim_synced: None,
+            record_write: None,
             executions,
             stop_s: None,
             server_errors: Vec::new(),

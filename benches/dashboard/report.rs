@@ -200,6 +200,10 @@ pub struct Figures {
     /// from a second server.
     #[serde(rename = "claim_latency_state_sync")]
     pub claim_synced: Option<Percentiles>,
+    /// A bare write of a runner-record-sized file (create, write, rename) in the state
+    /// directory: what a claim waits for besides the HTTP round trip.
+    #[serde(rename = "record_write_reference")]
+    pub record_write: Option<Percentiles>,
     /// The execution phases.
     #[serde(flatten)]
     pub executions: Executions,

@@ -238,6 +238,14 @@ const FIGURE_ROWS: &[(&str, Show)] = &[
         ms_pair(&f.claim)
     }),
     (
+        "  reference: bare record write, create+write+rename (p50 / p99)",
+        |f| {
+            f.record_write
+                .as_ref()
+                .map_or_else(|| "not measured".to_owned(), ms_pair)
+        },
+    ),
+    (
         "  with state.sync: record flushed to disk (p50 / p99)",
         |f| {
             f.claim_synced

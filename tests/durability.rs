@@ -238,8 +238,20 @@ fn a_damaged_runner_record_stops_the_start_and_its_workspace_stays() {
 
 #[test]
 fn every_answered_claim_survives_a_sigkill() {
+    answered_claims_survive_a_sigkill(&[]);
+}
+
+#[test]
+fn with_state_sync_every_answered_claim_survives_a_sigkill() {
+    answered_claims_survive_a_sigkill(&["--state-sync", "true"]);
+}
+
+/// Claims 40 runners one after another, kills the server, and finds them all back.
+fn answered_claims_survive_a_sigkill(flags: &[&str]) {
+    let mut args = vec!["--capacity", "64"];
+    args.extend_from_slice(flags);
     let state = tempfile::tempdir().expect("state");
-    let server = Process::start_with(state.path(), &["--capacity", "64"]);
+    let server = Process::start_with(state.path(), &args);
     put_environment(&server, 3, 0);
     let runners: Vec<String> = (0..40)
         .map(|_| {
@@ -249,7 +261,7 @@ fn every_answered_claim_survives_a_sigkill() {
         })
         .collect();
     server.crash();
-    let server = Process::start_with(state.path(), &["--capacity", "64"]);
+    let server = Process::start_with(state.path(), &args);
     for runner in &runners {
         assert_eq!(read(&server, runner, "none").0, 424, "{runner} is back");
     }

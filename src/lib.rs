@@ -23,6 +23,7 @@ pub mod server;
 pub mod store;
 #[allow(unsafe_code)]
 mod sys;
+mod threads;
 
 pub use config::Config;
 pub use error::{Error, Result};

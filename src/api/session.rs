@@ -12,7 +12,6 @@
 use std::{
     io::{PipeWriter, Write},
     net::{Shutdown, TcpStream},
-    thread,
     time::{Duration, Instant},
 };
 
@@ -190,9 +189,7 @@ pub fn run(
                 None
             }
         });
-    let spawned = thread::Builder::new()
-        .name("ws-reader".into())
-        .spawn(move || read_client(reader, stdin, &client_tx));
+    let spawned = crate::threads::run("ws-reader", move || read_client(reader, stdin, &client_tx));
     if spawned.is_err() {
         let last = Some(WsMessage::Error(FAILED.into()));
         record(app, tracker, last.as_ref(), &Output::default());

@@ -8,7 +8,6 @@ use std::{
     io::{self, Read, Write},
     net::{Shutdown, TcpStream},
     sync::Arc,
-    thread,
     time::Instant,
 };
 
@@ -97,9 +96,9 @@ pub fn handshake(app: &Arc<App>, exchange: Exchange) {
     };
     let websocket = WebSocket::from_partially_read(reader, leftover, Role::Server, Some(config));
     let app = Arc::clone(app);
-    let spawned = thread::Builder::new()
-        .name("ws".into())
-        .spawn(move || session::run(&app, websocket, writer, config, started));
+    let spawned = crate::threads::run("ws", move || {
+        session::run(&app, websocket, writer, config, started)
+    });
     if let Err(err) = spawned {
         log::error!("cannot start a WebSocket session thread: {err}");
     }

@@ -9,7 +9,6 @@ use std::{
     io::{self, PipeReader, PipeWriter, Read},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     sync::Arc,
-    thread,
     time::{Duration, Instant},
 };
 
@@ -72,9 +71,7 @@ impl Running {
             pending: Vec::new(),
             outcome: None,
         };
-        thread::Builder::new()
-            .name("exec-io".into())
-            .spawn(move || pump.run())?;
+        crate::threads::run("exec-io", move || pump.run())?;
         Ok(Running {
             events,
             stdin: Some(stdin),

@@ -288,3 +288,25 @@ fn https_registries_are_trusted_through_the_ca_file() {
     let stored = pull::pull(&store, &trusted, &reference, &mut |_| {}).unwrap();
     assert_eq!(stored.env, ["TLS=1"]);
 }
+
+#[test]
+fn an_anonymous_token_challenge_is_answered_without_credentials() {
+    let registry = Registry::start();
+    registry.push(
+        "public/img",
+        "1",
+        &Image::new(vec![busybox_layer()], &["PUBLIC=1"]),
+    );
+    let front = TokenFront::anonymous(registry.url());
+    let (_state, store) = store();
+    let reference = Reference::parse(&format!("{}/public/img:1", front.host)).unwrap();
+    let stored = pull::pull(
+        &store,
+        &client(RegistryConfig::default()),
+        &reference,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(stored.env, ["PUBLIC=1"]);
+    assert_eq!(front.tokens.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -40,19 +40,25 @@ pub struct TokenFront {
 impl TokenFront {
     /// Starts a front for the registry at `upstream` (`http://127.0.0.1:<port>`).
     pub fn start(upstream: String) -> TokenFront {
-        Self::with(upstream, true, Vec::new(), false)
+        Self::with(upstream, Some(true), Vec::new(), false)
+    }
+
+    /// A front whose token endpoint hands tokens to anyone, as Docker Hub does for public
+    /// repositories: the client must still answer the challenge.
+    pub fn anonymous(upstream: String) -> TokenFront {
+        Self::with(upstream, Some(false), Vec::new(), false)
     }
 
     /// A front that answers every other request with 503 and redirects blob downloads to the
     /// registry itself, as registries redirect to their storage.
     pub fn flaky(upstream: String) -> TokenFront {
-        Self::with(upstream, false, Vec::new(), true)
+        Self::with(upstream, None, Vec::new(), true)
     }
 
     /// A front without authentication whose downloads of the `held` blobs wait until
     /// [`TokenFront::open`].
     pub fn gated(upstream: String, held: Vec<String>) -> TokenFront {
-        Self::with(upstream, false, held, false)
+        Self::with(upstream, None, held, false)
     }
 
     /// Lets held and later blob downloads through.
@@ -60,7 +66,7 @@ impl TokenFront {
         self.gate = None;
     }
 
-    fn with(upstream: String, auth: bool, held: Vec<String>, flaky: bool) -> TokenFront {
+    fn with(upstream: String, auth: Option<bool>, held: Vec<String>, flaky: bool) -> TokenFront {
         let (gate, gate_rx) = crossbeam_channel::bounded::<()>(0);
         let failures = Arc::new(AtomicU32::new(0));
         let redirects = Arc::new(AtomicU32::new(0));
@@ -132,19 +138,21 @@ fn header<'a>(request: &'a tiny_http::Request, name: &'static str) -> Option<&'a
 
 fn serve(
     request: tiny_http::Request,
-    auth: bool,
+    auth: Option<bool>,
     upstream: &str,
     host: &str,
     tokens: &AtomicU32,
     challenges: &AtomicU32,
 ) {
     let url = request.url().to_owned();
-    if auth && url.starts_with("/token") {
+    if auth.is_some() && url.starts_with("/token") {
         let expected = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
         );
-        if header(&request, "Authorization") != Some(expected.as_str())
+        let credentials_ok =
+            auth == Some(false) || header(&request, "Authorization") == Some(expected.as_str());
+        if !credentials_ok
             || !url.contains("scope=repository%3A") && !url.contains("scope=repository:")
         {
             request
@@ -160,7 +168,7 @@ fn serve(
             .ok();
         return;
     }
-    if auth && header(&request, "Authorization") != Some(&format!("Bearer {TOKEN}")) {
+    if auth.is_some() && header(&request, "Authorization") != Some(&format!("Bearer {TOKEN}")) {
         challenges.fetch_add(1, Ordering::SeqCst);
         let challenge = format!(
             r#"Bearer realm="http://{host}/token",service="test-registry",scope="repository:x:pull""#

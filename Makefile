@@ -15,7 +15,9 @@ run: build ## run the server with its default configuration (add ARGS="--help" f
 
 # cargo-nextest runs each test in a process of its own, in parallel; without it, cargo test
 # runs the same tests (the sandbox pass: every integration test file but sandbox_*,
-# network_* and image_*, which choose their executor themselves).
+# network_* and image_*, which choose their executor themselves) one at a time: tests name
+# their cgroups and uid ranges after their process, so threads of one process must not run
+# them side by side.
 NEXTEST := $(shell cargo nextest --version >/dev/null 2>&1 && echo yes)
 SERVER_TESTS := $(patsubst tests/%.rs,--test %,$(filter-out tests/sandbox_% tests/network_% tests/image_%,$(wildcard tests/*.rs)))
 
@@ -25,9 +27,9 @@ ifeq ($(NEXTEST),yes)
 	POSEIDON_TEST_EXECUTOR=sandbox cargo nextest run --locked --tests --no-fail-fast \
 		-E 'kind(test) & not binary(/^(sandbox|network|image)_/)'
 else
-	@echo "cargo-nextest not found (cargo install --locked cargo-nextest): using cargo test"
-	cargo test --locked --lib --bins --tests --no-fail-fast
-	POSEIDON_TEST_EXECUTOR=sandbox cargo test --locked --no-fail-fast $(SERVER_TESTS)
+	@echo "cargo-nextest not found (cargo install --locked cargo-nextest): using cargo test, one test at a time"
+	cargo test --locked --lib --bins --tests --no-fail-fast -- --test-threads=1
+	POSEIDON_TEST_EXECUTOR=sandbox cargo test --locked --no-fail-fast $(SERVER_TESTS) -- --test-threads=1
 endif
 	cargo test --locked --doc
 

@@ -257,3 +257,24 @@ fn a_client_that_takes_a_download_too_slowly_is_cut_off() {
     );
     assert_eq!(server.get("/health").status, 204);
 }
+
+#[test]
+fn one_listener_serves_the_api_and_websockets_when_the_ports_are_the_same() {
+    // A port that was free a moment ago (the server binds it again at once).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let server = TestServer::start_with(|config| {
+        config.server.port = port;
+        config.server.websocket_port = Some(port);
+    });
+    assert_eq!(
+        server.handle().websocket_addr(),
+        server.handle().http_addr()
+    );
+    let runner = server.ready_runner();
+    let url = server.execute(&runner, "echo one port", 10);
+    assert!(url.contains(&format!(":{port}/")), "{url}");
+    assert_eq!(server.connect(&url).transcript().stdout, "one port\r\n");
+}

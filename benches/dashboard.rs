@@ -27,6 +27,8 @@ mod client;
 mod executions;
 #[path = "dashboard/images.rs"]
 mod images;
+#[path = "dashboard/network.rs"]
+mod network;
 #[path = "dashboard/report.rs"]
 mod report;
 #[path = "dashboard/server.rs"]
@@ -54,7 +56,9 @@ fn main() {
     let started = Instant::now();
     let load_before = load_average();
     let mut results = Vec::new();
-    for executor in EXECUTORS {
+    // POSEIDON_BENCH_ONLY=network measures the network section alone.
+    let only_network = std::env::var("POSEIDON_BENCH_ONLY").as_deref() == Ok("network");
+    for executor in EXECUTORS.into_iter().filter(|_| !only_network) {
         match measure_executor(executor) {
             Ok(outcome) => results.push((executor, outcome)),
             Err(message) => {
@@ -63,8 +67,28 @@ fn main() {
             }
         }
     }
-    let images = images::measure(binary(), &|state| server_args("sandbox", state));
+    let images = if only_network {
+        Err("skipped (POSEIDON_BENCH_ONLY=network)".to_owned())
+    } else {
+        images::measure(binary(), &|state| server_args("sandbox", state))
+    };
+    eprintln!("[network] measuring runner networking inside namespaces");
+    let network = match network::measure(binary()) {
+        Ok(Ok(figures)) => Some(figures),
+        Ok(Err(reason)) => {
+            eprintln!("[network] not measured: {reason}");
+            None
+        }
+        Err(message) => {
+            eprintln!("\nbench FAILED (network): {message}");
+            std::process::exit(1);
+        }
+    };
     print!("{}", table::table(&results));
+    match &network {
+        Some(figures) => print!("{}", figures.show()),
+        None => println!("\nnetwork: not measured (needs root, iproute2 and nftables)"),
+    }
     match &images {
         Ok(figures) => print!("{}", figures.show()),
         Err(reason) => println!("\nimages: {reason}"),
@@ -86,6 +110,9 @@ fn main() {
         Ok(figures) => figures.to_json(),
         Err(reason) => json!({"not_measured": reason}),
     };
+    document["network"] = network
+        .as_ref()
+        .map_or(serde_json::Value::Null, |n| n.json());
     let written = fs::create_dir_all(path.parent().expect("a parent"))
         .and_then(|()| fs::write(&path, format!("{document:#}\n")));
     if let Err(err) = written {

@@ -6,7 +6,8 @@
 //! Threads are bounded: one thread per runner serves all its listeners and connections with
 //! non-blocking sockets and `poll`, and at most `network.forward_connections` connections per
 //! runner are forwarded at once; further clients wait in the listen backlog. Hostile clients
-//! therefore cost at most that many connections (two 64 KiB buffers each) and never a thread.
+//! therefore cost at most that many connections (two 128 KiB buffers each: 8 MiB per runner
+//! with the default 32) and never a thread.
 
 use std::{
     io::{self, Read, Write},
@@ -19,7 +20,7 @@ use std::{
 use rustix::event::{PollFd, PollFlags};
 
 /// Buffer per direction of a connection.
-const BUFFER: usize = 64 << 10;
+const BUFFER: usize = 128 << 10;
 /// How long connecting to the runner may take (it is one hop away; a full backlog in the
 /// runner drops connection attempts).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);

@@ -128,7 +128,7 @@ fn read_flag(path: &str) -> bool {
 /// Whether the host has an IPv6 default route (otherwise runners get no IPv6 address, so that
 /// clients fail over to IPv4 at once).
 pub fn has_ipv6_default_route() -> bool {
-    let table = fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    let table = fs::read_to_string("/proc/thread-self/net/ipv6_route").unwrap_or_default();
     table.lines().any(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         fields.len() >= 10
@@ -138,9 +138,10 @@ pub fn has_ipv6_default_route() -> bool {
     })
 }
 
-/// MTU of the interface of the IPv4 default route, 1500 when unknown.
+/// MTU of the interface of the IPv4 default route, 1500 when unknown. (`thread-self`: the
+/// calling thread's namespace, which `/proc/net` of the process need not be.)
 pub fn uplink_mtu(netlink: &mut Netlink) -> u32 {
-    let table = fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let table = fs::read_to_string("/proc/thread-self/net/route").unwrap_or_default();
     let uplink = table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
         (fields.len() > 7 && fields[1] == "00000000" && fields[7] == "00000000")

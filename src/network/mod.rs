@@ -193,8 +193,14 @@ impl Network {
             runner_v6: active.ipv6.then_some(addresses.runner_v6),
         };
         // On error, dropping `attachment` removes whatever part exists.
+        let started = std::time::Instant::now();
         wire(&addresses, netns, &active)
             .map_err(|err| Error::internal("network: cannot wire the runner", err))?;
+        log::debug!(
+            "network: {} wired in {:.3} ms",
+            addresses.interface,
+            started.elapsed().as_secs_f64() * 1000.0
+        );
         Ok(attachment)
     }
 

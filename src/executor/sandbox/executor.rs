@@ -52,12 +52,43 @@ pub(super) struct Shared {
     pub network: Arc<Network>,
 }
 
-/// Free host uid ranges, numbered from `uid_base`.
+/// Free host uid ranges, numbered from `uid_base`. Only the first `count` are ever handed
+/// out: those are the ranges checked against the host's ids at start.
 #[derive(Debug)]
 struct Slots {
     free: Vec<u32>,
     next: u32,
     count: u32,
+}
+
+impl Slots {
+    fn take(&mut self) -> Option<u32> {
+        if let Some(slot) = self.free.pop() {
+            return Some(slot);
+        }
+        (self.next < self.count).then(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    /// Takes `slot` out of circulation. A slot beyond `count` (a runner of a server that was
+    /// configured with a larger capacity) is never handed out anyway.
+    fn reserve(&mut self, slot: u32) {
+        if slot < self.next {
+            self.free.retain(|free| *free != slot);
+            return;
+        }
+        let end = slot.min(self.count);
+        self.free.extend(self.next..end);
+        self.next = (slot + 1).min(self.count).max(self.next);
+    }
+
+    fn give(&mut self, slot: u32) {
+        if slot < self.count && slot < self.next && !self.free.contains(&slot) {
+            self.free.push(slot);
+        }
+    }
 }
 
 impl SandboxExecutor {
@@ -282,32 +313,21 @@ impl Shared {
 
     /// Takes a free uid range.
     pub fn take_slot(&self) -> Result<u32> {
-        let mut slots = self.slots.lock().unwrap();
-        if let Some(slot) = slots.free.pop() {
-            return Ok(slot);
-        }
-        if slots.next < slots.count {
-            slots.next += 1;
-            return Ok(slots.next - 1);
-        }
-        Err(Error::Internal("sandbox: no free uid range".into()))
+        self.slots
+            .lock()
+            .unwrap()
+            .take()
+            .ok_or_else(|| Error::Internal("sandbox: no free uid range".into()))
     }
 
     /// Marks a uid range as taken (by a runner an earlier server left running).
     pub fn reserve_slot(&self, slot: u32) {
-        let mut slots = self.slots.lock().unwrap();
-        if slot >= slots.next {
-            let skipped = slots.next..slot;
-            slots.free.extend(skipped);
-            slots.next = slot + 1;
-        } else {
-            slots.free.retain(|free| *free != slot);
-        }
+        self.slots.lock().unwrap().reserve(slot);
     }
 
     /// Returns a uid range; only once nothing of its runner runs any more.
     pub fn give_slot(&self, slot: u32) {
-        self.slots.lock().unwrap().free.push(slot);
+        self.slots.lock().unwrap().give(slot);
     }
 }
 
@@ -392,6 +412,24 @@ impl Executor for SandboxExecutor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserved_slots_are_never_handed_out_and_none_beyond_the_count() {
+        let mut slots = Slots {
+            free: Vec::new(),
+            next: 0,
+            count: 4,
+        };
+        slots.reserve(2);
+        slots.reserve(9);
+        let mut taken: Vec<u32> = std::iter::from_fn(|| slots.take()).collect();
+        taken.sort_unstable();
+        assert_eq!(taken, vec![0, 1, 3]);
+        slots.give(9);
+        slots.give(2);
+        slots.give(2);
+        assert_eq!((slots.take(), slots.take()), (Some(2), None));
+    }
 
     #[test]
     fn uid_bases_overlapping_host_ids_are_refused() {

@@ -256,6 +256,16 @@ pub struct Cli {
     /// back. Run it only while no server runs on the state directory.
     #[arg(long)]
     pub destroy_runners: bool,
+    /// server.tls.active: serve HTTPS and WSS (TLS 1.3) on both listeners [default: false].
+    #[arg(long = "tls", env = "POSEIDON_SERVER_TLS_ACTIVE")]
+    pub tls_active: Option<bool>,
+    /// server.tls.certfile: PEM certificate chain, re-read on SIGHUP.
+    #[arg(long = "tls-certfile", env = "POSEIDON_SERVER_TLS_CERTFILE")]
+    pub tls_certfile: Option<PathBuf>,
+    /// server.tls.keyfile: PEM private key, re-read on SIGHUP.
+    #[arg(long = "tls-keyfile", env = "POSEIDON_SERVER_TLS_KEYFILE")]
+    pub tls_keyfile: Option<PathBuf>,
+
     /// influxdb.url: InfluxDB v2 to push Poseidon's measurements to, e.g. http://influxdb:8086
     /// [default: none, off].
     #[arg(long, env = "POSEIDON_INFLUXDB_URL")]
@@ -456,6 +466,10 @@ impl Cli {
         set(&mut config.state.sync, self.state_sync);
         set(&mut config.logger.level, self.log_level);
         set_some(&mut config.metrics.listen, self.metrics_listen);
+        let tls = &mut config.server.tls;
+        set(&mut tls.active, self.tls_active);
+        set_some(&mut tls.certfile, self.tls_certfile);
+        set_some(&mut tls.keyfile, self.tls_keyfile);
         let influxdb = &mut config.influxdb;
         set(&mut influxdb.url, self.influxdb_url);
         set(&mut influxdb.token, self.influxdb_token);

@@ -121,6 +121,20 @@ pub struct ServerConfig {
     /// `systemdsocketactivation`.
     #[serde(alias = "systemdsocketactivation")]
     pub systemd_socket_activation: bool,
+    /// TLS on both listeners (Poseidon's `server.tls`).
+    pub tls: TlsConfig,
+}
+
+/// `[server.tls]`: HTTPS and WSS on both listeners, TLS 1.3 only (as Poseidon).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Serve TLS.
+    pub active: bool,
+    /// PEM certificate chain (re-read on SIGHUP).
+    pub certfile: Option<PathBuf>,
+    /// PEM private key (re-read on SIGHUP).
+    pub keyfile: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -140,6 +154,7 @@ impl Default for ServerConfig {
             http_timeout_secs: 60,
             release: None,
             systemd_socket_activation: false,
+            tls: TlsConfig::default(),
         }
     }
 }

@@ -7,7 +7,7 @@ use poseidon_lite::{
     cli::{Command, EnvironmentsCommand},
 };
 use signal_hook::{
-    consts::{SIGINT, SIGTERM},
+    consts::{SIGHUP, SIGINT, SIGTERM},
     iterator::Signals,
 };
 
@@ -50,11 +50,20 @@ fn run() -> Result<(), String> {
     }
     raise_file_limit();
     // Registered before the server starts so that no signal arrives unhandled.
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(|err| err.to_string())?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|err| err.to_string())?;
     let server = poseidon_lite::Server::bind(config).map_err(|err| err.to_string())?;
     let handle = server.spawn().map_err(|err| err.to_string())?;
-    if let Some(signal) = signals.forever().next() {
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            // SIGHUP reloads the TLS certificate (a renewed one, say) and nothing else.
+            match handle.reload_certificates() {
+                Ok(()) => log::info!("received SIGHUP: certificates reloaded"),
+                Err(err) => log::error!("received SIGHUP: {err}"),
+            }
+            continue;
+        }
         log::info!("received signal {signal}");
+        break;
     }
     handle.shutdown();
     Ok(())

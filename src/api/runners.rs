@@ -259,7 +259,8 @@ fn websocket_url(app: &App, host: Option<&str>, id: &RunnerId, execution: Execut
                     .all(|b| b.is_ascii_alphanumeric() || b".-_[]:".contains(&b))
         })
         .map_or_else(|| app.server.address.to_string(), str::to_owned);
-    format!("ws://{host}:{}{path}", app.websocket_port)
+    let scheme = if app.server.tls.active { "wss" } else { "ws" };
+    format!("{scheme}://{host}:{}{path}", app.websocket_port)
 }
 
 /// The host part of a `Host` header (`name`, `name:port`, `[v6]:port`).

@@ -6,6 +6,7 @@ mod front;
 pub mod http;
 mod scrape;
 pub mod systemd;
+mod tls;
 
 use std::{
     fmt,
@@ -34,6 +35,9 @@ use crate::{
     store::Store,
 };
 
+/// A public TLS listener and the loopback listener it relays to.
+type Relayed = (TcpListener, SocketAddr);
+
 /// A bound but not yet running server.
 pub struct Server {
     front: Front,
@@ -41,6 +45,10 @@ pub struct Server {
     bulk_jobs: Receiver<Job>,
     http_addr: SocketAddr,
     websocket_addr: SocketAddr,
+    /// The plaintext API listener the watchdog asks.
+    self_check: SocketAddr,
+    /// TLS settings and the public listeners with the loopback listener each relays to.
+    tls: Option<(Arc<tls::Tls>, Vec<Relayed>)>,
     scrape: Option<TcpListener>,
     app: Arc<App>,
     config: Config,
@@ -95,22 +103,39 @@ impl Server {
             None => listen(address, server.port)?,
         };
         let http_addr = http.local_addr()?;
-        let mut listeners = vec![(http, Port::Api)];
+        let mut public = vec![(http, Port::Api)];
         // The API listener serves WebSocket upgrades too; a second listener only when asked.
         let websocket_addr = match (activated.websocket.take(), server.websocket_port()) {
             (Some(websocket), _) => {
                 let addr = websocket.local_addr()?;
-                listeners.push((websocket, Port::WebSocket));
+                public.push((websocket, Port::WebSocket));
                 addr
             }
             (None, port) if port != 0 && port == server.port => http_addr,
             (None, port) => {
                 let websocket = listen(address, port)?;
                 let addr = websocket.local_addr()?;
-                listeners.push((websocket, Port::WebSocket));
+                public.push((websocket, Port::WebSocket));
                 addr
             }
         };
+        // With TLS the public listeners relay to plaintext ones on loopback, which the front
+        // serves; without, the front serves the public ones.
+        let (listeners, tls) = match server.tls.active {
+            false => (public, None),
+            true => {
+                let tls = tls_settings(&server.tls)?;
+                let mut inner = Vec::new();
+                let mut relays = Vec::new();
+                for (listener, port) in public {
+                    let backend = listen(std::net::Ipv4Addr::LOCALHOST.into(), 0)?;
+                    relays.push((listener, backend.local_addr()?));
+                    inner.push((backend, port));
+                }
+                (inner, Some((Arc::new(tls), relays)))
+            }
+        };
+        let self_check = listeners[0].0.local_addr()?;
         let max_connections = server.max_connections.max(1);
         // As many queued jobs as there can be connections: the front never waits on a queue.
         let (api, api_jobs) = crossbeam_channel::bounded(max_connections);
@@ -156,6 +181,8 @@ impl Server {
             bulk_jobs,
             http_addr,
             websocket_addr,
+            self_check,
+            tls,
             scrape,
             app,
             config,
@@ -198,13 +225,36 @@ impl Server {
             threads.push(named("metrics").spawn(move || scrape::serve(listener, app, flag))?);
             log::info!("metrics without token on http://{address}/metrics");
         }
+        let tls_stop = Arc::new(AtomicBool::new(false));
+        let mut certificates = None;
+        if let Some((settings, relays)) = self.tls {
+            let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            for (listener, backend) in relays {
+                let relay = tls::Relay {
+                    backend,
+                    timeout: self.config.server.websocket_timeout(),
+                    open: Arc::clone(&open),
+                    max_connections: self.config.server.max_connections.max(1),
+                };
+                let (settings, flag) = (Arc::clone(&settings), Arc::clone(&tls_stop));
+                threads.push(
+                    named("tls-accept")
+                        .spawn(move || tls::serve(listener, settings, relay, flag))?,
+                );
+            }
+            certificates = Some(settings);
+        }
+        let (http, ws) = match certificates {
+            Some(_) => ("https", "wss"),
+            None => ("http", "ws"),
+        };
         log::info!(
-            "HTTP API listening on http://{}{}",
+            "HTTP API listening on {http}://{}{}",
             self.http_addr,
             api::PREFIX
         );
         log::info!(
-            "WebSocket executions listening on ws://{}",
+            "WebSocket executions listening on {ws}://{}",
             self.websocket_addr
         );
         match systemd::notify("READY=1") {
@@ -215,7 +265,7 @@ impl Server {
         let (watchdog_stop, stop) = crossbeam_channel::bounded::<()>(0);
         if let Some(interval) = systemd::watchdog_interval() {
             threads.push(systemd::spawn_watchdog(
-                self.http_addr,
+                self.self_check,
                 interval,
                 stop.clone(),
             )?);
@@ -241,10 +291,24 @@ impl Server {
             scrape_addr,
             scrape_stop,
             watchdog_stop: Some(watchdog_stop),
+            certificates,
+            tls_stop,
             app: self.app,
             threads,
         })
     }
+}
+
+/// The TLS settings of `server.tls`, with the certificate read.
+fn tls_settings(config: &crate::config::TlsConfig) -> Result<tls::Tls> {
+    let (Some(certfile), Some(keyfile)) = (&config.certfile, &config.keyfile) else {
+        return Err(Error::internal(
+            "server.tls.active needs server.tls.certfile and server.tls.keyfile",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
+    };
+    tls::Tls::new(certfile.clone(), keyfile.clone())
+        .map_err(|err| Error::internal("cannot read the TLS certificate", err))
 }
 
 /// A worker: serves requests until the front stops.
@@ -283,6 +347,10 @@ pub struct ServerHandle {
     scrape_stop: Arc<AtomicBool>,
     /// Dropped to stop the watchdog and the periodic InfluxDB points.
     watchdog_stop: Option<Sender<()>>,
+    /// TLS settings, for reloading the certificate.
+    certificates: Option<Arc<tls::Tls>>,
+    /// Set to stop the TLS listeners (then woken by a connection).
+    tls_stop: Arc<AtomicBool>,
     app: Arc<App>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -307,6 +375,17 @@ impl ServerHandle {
         self.websocket_addr
     }
 
+    /// Reads the TLS certificate and key again (SIGHUP); new connections use them. Without
+    /// TLS there is nothing to do.
+    pub fn reload_certificates(&self) -> Result<()> {
+        match &self.certificates {
+            Some(tls) => tls
+                .reload()
+                .map_err(|err| Error::internal("cannot reload the TLS certificate", err)),
+            None => Ok(()),
+        }
+    }
+
     /// The address of the scrape listener (`metrics.listen`), if there is one.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.scrape_addr
@@ -319,7 +398,12 @@ impl ServerHandle {
 
     /// The API base URL, e.g. `http://127.0.0.1:7200/api/v1` (CodeOcean's `runner_management.url`).
     pub fn url(&self) -> String {
-        format!("http://{}{}", self.http_addr, api::PREFIX)
+        let scheme = if self.certificates.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}{}", self.http_addr, api::PREFIX)
     }
 
     /// The runner manager (for harnesses that inspect state).
@@ -341,6 +425,13 @@ impl ServerHandle {
         let _ = systemd::notify("STOPPING=1");
         self.watchdog_stop.take();
         waker.stop();
+        if self.certificates.is_some() {
+            self.tls_stop.store(true, Ordering::SeqCst);
+            let _ = TcpStream::connect(self.http_addr);
+            if self.websocket_addr != self.http_addr {
+                let _ = TcpStream::connect(self.websocket_addr);
+            }
+        }
         self.scrape_stop.store(true, Ordering::SeqCst);
         if let Some(address) = self.scrape_addr {
             let _ = TcpStream::connect(address);

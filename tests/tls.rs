@@ -232,3 +232,73 @@ fn a_reloaded_certificate_is_used_by_new_connections() {
     assert!(server.handle().reload_certificates().is_err());
     assert!(connect(address, client_config(&new, false)).is_ok());
 }
+
+#[test]
+fn the_binary_reloads_its_certificate_on_sighup() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("directory");
+    let old = certificate(dir.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_poseidon-lite"))
+        .args([
+            "--executor",
+            "process",
+            "--port",
+            "0",
+            "--websocket-port",
+            "0",
+        ])
+        .args(["--tls", "true", "--log-level", "info", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--tls-certfile")
+        .arg(dir.path().join("cert.pem"))
+        .arg("--tls-keyfile")
+        .arg(dir.path().join("key.pem"))
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("server starts");
+    let stderr = child.stderr.take().expect("stderr");
+    /// Kills the server if the test ends early.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(child);
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |needle: &str| loop {
+        let line = lines.recv_timeout(TIMEOUT).expect("a log line in time");
+        if let Some((_, rest)) = line.split_once(needle) {
+            return rest.trim().to_owned();
+        }
+    };
+    let api = wait_for("HTTP API listening on https://");
+    let address: std::net::SocketAddr = api
+        .split('/')
+        .next()
+        .and_then(|host| host.parse().ok())
+        .expect("address");
+    assert!(connect(address, client_config(&old, false)).is_ok());
+    let new = certificate(dir.path());
+    let signal = |name: &str| {
+        let status = Command::new("kill")
+            .args(["-s", name, &child.0.id().to_string()])
+            .status();
+        assert!(status.expect("kill runs").success());
+    };
+    signal("HUP");
+    wait_for("certificates reloaded");
+    assert!(connect(address, client_config(&new, false)).is_ok());
+    assert!(connect(address, client_config(&old, false)).is_err());
+    signal("TERM");
+    wait_for("stopped");
+    assert!(child.0.wait().expect("exit").success());
+}

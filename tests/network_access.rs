@@ -71,3 +71,77 @@ fn public_targets_work_masqueraded_and_everything_else_is_closed() {
     assert!(output.contains("interfaces eth0 lo\n"), "{output}");
     assert!(output.contains("nameserver 203.0.113.53"), "{output}");
 }
+
+#[test]
+fn a_private_resolver_is_reachable_on_port_53_only_and_disabled_networking_is_a_400() {
+    let Some(world) = networld::world() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let mut server = networld::Server::start(
+        &world,
+        state.path().to_owned(),
+        &[("POSEIDON_NETWORK_DNS", "10.1.2.3")],
+    );
+    let output = world.host.run(|| {
+        assert_eq!(networld::environment(1, 1, true, &[]), 201);
+        networld::wait_idle(1, 1);
+        let (runner, _) = networld::claim(1);
+        let script = format!("{PROBES}t 10.1.2.3 53\nu 10.1.2.3 53\nt 10.1.2.3 {SERVICE_PORT}\ncat /etc/resolv.conf\n");
+        networld::run(&runner, &script, false)
+    });
+    eprintln!("{output}");
+    let answers = answers(&output);
+    assert_eq!(answers.len(), 3, "{output}");
+    assert!(reached(&answers[0].1).is_some(), "{output}");
+    assert!(reached(&answers[1].1).is_some(), "{output}");
+    assert_eq!(reached(&answers[2].1), None, "{output}");
+    assert!(output.contains("nameserver 10.1.2.3\n"), "{output}");
+    server.stop();
+
+    let state = tempfile::tempdir().unwrap();
+    let _server = networld::Server::start(
+        &world,
+        state.path().to_owned(),
+        &[("POSEIDON_NETWORK_ENABLED", "false")],
+    );
+    world.host.run(|| {
+        let body = serde_json::json!({"id": 2, "image": "openhpi/co_execenv_python:3.8",
+            "prewarmingPoolSize": 0, "cpuLimit": 0, "memoryLimit": 0,
+            "networkAccess": true, "exposedPorts": []});
+        let (status, answer) = networld::api("PUT", "/execution-environments/2", Some(&body));
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(
+            answer["message"],
+            "networkAccess is disabled on this server (network.enabled = false)"
+        );
+        assert_eq!(networld::environment(3, 0, false, &[]), 201);
+    });
+}
+
+#[test]
+fn without_an_ipv6_default_route_runners_get_ipv4_only_and_fail_fast_over_ipv6() {
+    let Some(world) = networld::world() else {
+        return;
+    };
+    world.host.ip("-6 route del default");
+    let state = tempfile::tempdir().unwrap();
+    let _server = networld::Server::start(&world, state.path().to_owned(), &[]);
+    let output = world.host.run(|| {
+        assert_eq!(networld::environment(1, 1, true, &[]), 201);
+        networld::wait_idle(1, 1);
+        let (runner, _) = networld::claim(1);
+        let script = format!(
+            "{PROBES}t {} {SERVICE_PORT}\nt {} {SERVICE_PORT}\n\
+             echo global6 $(grep -v -e ' lo$' -e '^fe80' /proc/net/if_inet6 | wc -l)\n",
+            PUBLIC[0], PUBLIC[2]
+        );
+        networld::run(&runner, &script, false)
+    });
+    eprintln!("{output}");
+    let answers = answers(&output);
+    assert_eq!(answers.len(), 2, "{output}");
+    assert!(reached(&answers[0].1).is_some(), "{output}");
+    assert!(answers[1].1.contains("Network is unreachable"), "{output}");
+    assert!(output.contains("global6 0\n"), "{output}");
+}

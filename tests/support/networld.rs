@@ -8,7 +8,7 @@
 //! - "world": fake public hosts (203.0.113.10, 203.0.113.53, 2001:db8:99::10) and fake private
 //!   ones (10.1.2.3, 172.20.0.5, 192.168.1.5, 100.64.0.5, 169.254.169.254, fd12:3456::5), each
 //!   with a TCP and UDP service on port 7000 answering `<its address> <the peer's address>`;
-//!   203.0.113.10:7007 keeps connections open.
+//!   203.0.113.10:7007 keeps connections open; 10.1.2.3 also answers on port 53.
 //!
 //! Namespaces are held by descriptors only (never named under /run/netns): they vanish with the
 //! test process, also when it fails. Tests skip (with a message) without root, `ip` or `nft`.
@@ -250,6 +250,8 @@ pub fn world() -> Option<World> {
         serve_tcp(&host, addr.parse().unwrap(), port);
     }
     serve_hold(&world, PUBLIC[0].parse().unwrap(), HOLD_PORT);
+    // A private resolver's port (see `network.dns`).
+    serve(&world, PRIVATE[0].parse().unwrap(), 53);
     serve_udp(&host, "127.0.0.1".parse().unwrap(), 7005);
     serve_udp(&host, UPLINK_V4.parse().unwrap(), 7006);
     Some(World {

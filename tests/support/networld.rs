@@ -324,9 +324,10 @@ impl Server {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let cgroup = format!("{}-{n}", world.name);
         let slot = (std::process::id().wrapping_mul(7) + n) % 256;
-        // A region of its own (the sandbox tests take 64-runner blocks from 2^24): parallel
-        // tests never share ids, nor look at each other's processes.
-        let uid_base = ((1u32 << 24) + (1 << 30) + slot * 64 * 65536).to_string();
+        // A region of its own: the sandbox tests take 64-runner blocks from 2^24, the server
+        // tests from 2^31 (each up to 2^30 further); parallel tests never share ids, nor see
+        // each other's processes.
+        let uid_base = ((3u32 << 30) + (slot % 128) * 64 * 65536).to_string();
         let mut vars: Vec<(String, String)> = [
             ("POSEIDON_SERVER_PORT", "7200"),
             ("POSEIDON_SERVER_WEBSOCKET_PORT", "7201"),

@@ -23,10 +23,12 @@ pub struct Process {
 
 /// A cgroup name and uid base of this test process's own, so that its servers never use (and
 /// leave groups under) the defaults an operator's server uses. A restarted server gets the
-/// same ones, as the operator's would.
+/// same ones, as the operator's would. The bases lie in a region no other harness uses
+/// (`3 << 30` up): one block of 64 runners' ranges each, which a capacity of at most 24
+/// (2 × 24 + 16 ranges) stays within.
 pub fn own_sandbox_settings() -> (String, u32) {
     let pid = std::process::id();
-    let base = (1u32 << 30) + (pid.wrapping_mul(7) % 256) * 64 * 65536;
+    let base = (3u32 << 30) + (pid.wrapping_mul(7) % 256) * 64 * 65536;
     (format!("poseidon-lite-binary-test-{pid}"), base)
 }
 

@@ -10,7 +10,7 @@
 //! so a close is always seen.
 
 use std::{
-    io::{PipeWriter, Write},
+    io::{PipeWriter, Read, Write},
     net::{Shutdown, TcpStream},
     time::{Duration, Instant},
 };
@@ -21,7 +21,7 @@ use tungstenite::{
     protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext, frame::coding::CloseCode},
 };
 
-use super::{App, ws::Conn};
+use super::App;
 use crate::{
     dto::WsMessage,
     executor::{
@@ -69,10 +69,19 @@ impl From<Option<WsMessage>> for Ending {
     }
 }
 
+/// Where the session writes: the connection ([`Bounded`]), in tests a buffer. (tungstenite
+/// wants `Read` too, but never reads while writing.)
+trait Sink: Read + Write {
+    /// Makes writes wait no longer than `deadline` (nor the usual timeout).
+    fn bound_by(&mut self, deadline: Option<Instant>);
+    /// Ends the connection in both directions.
+    fn shut_down(&mut self);
+}
+
 /// The writing side of the connection.
-struct Writer {
+struct Writer<S: Sink> {
     context: WebSocketContext,
-    stream: Bounded,
+    stream: S,
 }
 
 /// The socket, whose every write waits for the client at most until a deadline (nor longer
@@ -107,17 +116,31 @@ impl Write for Bounded {
     }
 }
 
-impl std::io::Read for Bounded {
+impl Read for Bounded {
     /// Never used: the reader thread reads the client.
     fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
         Ok(0)
     }
 }
 
-impl Writer {
+impl Sink for Bounded {
+    fn bound_by(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    fn shut_down(&mut self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+impl<S: Sink> Writer<S> {
     /// Makes writes wait no longer than `deadline` (nor the usual timeout).
     fn bound_by(&mut self, deadline: Option<Instant>) {
-        self.stream.deadline = deadline;
+        self.stream.bound_by(deadline);
+    }
+
+    fn flush(&mut self) -> tungstenite::Result<()> {
+        self.context.flush(&mut self.stream)
     }
 
     fn write(&mut self, message: &WsMessage) -> tungstenite::Result<()> {
@@ -127,7 +150,7 @@ impl Writer {
 
     fn send(&mut self, message: &WsMessage) -> tungstenite::Result<()> {
         self.write(message)?;
-        self.context.flush(&mut self.stream)
+        self.flush()
     }
 
     fn close(&mut self, code: CloseCode) -> tungstenite::Result<()> {
@@ -136,14 +159,15 @@ impl Writer {
             reason: "".into(),
         };
         self.context.close(&mut self.stream, Some(frame))?;
-        self.context.flush(&mut self.stream)
+        self.flush()
     }
 }
 
-/// Runs a started execution on an upgraded connection until it ends.
-pub fn run(
+/// Runs a started execution on an upgraded connection until it ends; `reader` is the
+/// connection's reading side (it must never write), `stream` its writing side.
+pub fn run<R: Read + Write + Send + 'static>(
     app: &App,
-    reader: WebSocket<Conn>,
+    reader: WebSocket<R>,
     stream: TcpStream,
     config: WebSocketConfig,
     started: StartedExecution,
@@ -208,10 +232,11 @@ pub fn run(
         max_message: app.server.max_message_bytes,
     };
     let mut output = Output::default();
+    let kill = || running.kill();
     let ending = relay(
         &mut writer,
         &mut output,
-        &running,
+        (&running.events, &kill),
         (&client, &started.stop),
         limits,
     );
@@ -264,23 +289,24 @@ impl SessionLimits {
     }
 }
 
-/// Forwards output until the execution ends; returns how the session ends.
-fn relay(
-    writer: &mut Writer,
+/// Forwards output until the execution ends; returns how the session ends. `kill` ends the
+/// execution early (limits, stops).
+fn relay<S: Sink>(
+    writer: &mut Writer<S>,
     output: &mut Output,
-    running: &Running,
+    (events, kill): (&Receiver<Event>, &dyn Fn()),
     (client, stop): (&Receiver<ClientEvent>, &Receiver<StopReason>),
     limits: SessionLimits,
 ) -> Ending {
     let timer = limits.deadline.map_or_else(never, at);
     loop {
         select! {
-            recv(running.events) -> event => {
+            recv(events) -> event => {
                 let Ok(event) = event else { return Some(WsMessage::Error(FAILED.into())).into() };
                 // A client that does not read holds a write at most until the time limit.
                 writer.bound_by(limits.deadline);
                 // Write what is already queued before one flush.
-                let queued = running.events.try_iter().take(BATCH);
+                let queued = events.try_iter().take(BATCH);
                 for event in std::iter::once(event).chain(queued) {
                     if let Event::Exit(outcome) = event {
                         let last = output.flush(writer);
@@ -295,11 +321,11 @@ fn relay(
                         return limits.write_failed();
                     }
                     if limits.max_output.is_some_and(|max| output.bytes() > max) {
-                        running.kill();
+                        kill();
                         return Some(WsMessage::Error("the output limit was exceeded".into())).into();
                     }
                 }
-                if writer.context.flush(&mut writer.stream).is_err() {
+                if writer.flush().is_err() {
                     return limits.write_failed();
                 }
             }
@@ -307,7 +333,7 @@ fn relay(
                 Ok(ClientEvent::Ping(payload)) => {
                     writer.bound_by(limits.deadline);
                     let pong = writer.context.write(&mut writer.stream, Message::Pong(payload));
-                    if pong.and_then(|()| writer.context.flush(&mut writer.stream)).is_err() {
+                    if pong.and_then(|()| writer.flush()).is_err() {
                         return limits.write_failed();
                     }
                 }
@@ -323,11 +349,11 @@ fn relay(
                 Ok(ClientEvent::Gone) | Err(_) => return None.into(),
             },
             recv(stop) -> reason => {
-                running.kill();
+                kill();
                 return Some(reason.map_or(WsMessage::Error(STOPPED.into()), stop_message)).into();
             }
             recv(timer) -> _ => {
-                running.kill();
+                kill();
                 return Some(WsMessage::Timeout).into();
             }
         }
@@ -348,7 +374,7 @@ impl Output {
         self.stdout_bytes + self.stderr_bytes
     }
 
-    fn write(&mut self, writer: &mut Writer, event: Event) -> tungstenite::Result<()> {
+    fn write<S: Sink>(&mut self, writer: &mut Writer<S>, event: Event) -> tungstenite::Result<()> {
         let message = match event {
             Event::Stdout(bytes) => {
                 self.stdout_bytes += bytes.len() as u64;
@@ -367,7 +393,7 @@ impl Output {
     }
 
     /// Writes what the decoders still hold (incomplete characters at the very end).
-    fn flush(&mut self, writer: &mut Writer) -> tungstenite::Result<()> {
+    fn flush<S: Sink>(&mut self, writer: &mut Writer<S>) -> tungstenite::Result<()> {
         for message in [
             WsMessage::Stdout(self.stdout.finish()),
             WsMessage::Stderr(self.stderr.finish()),
@@ -377,7 +403,7 @@ impl Output {
                 writer.write(&message)?;
             }
         }
-        writer.context.flush(&mut writer.stream)
+        writer.flush()
     }
 }
 
@@ -400,7 +426,7 @@ fn stop_message(reason: StopReason) -> WsMessage {
 /// Sends the final message and a close frame, waits briefly for the client's close, and shuts
 /// the connection down.
 /// The program has ended by now: the final message waits the usual timeout for the client.
-fn finish(writer: &mut Writer, ending: Ending, client: Option<&Receiver<ClientEvent>>) {
+fn finish<S: Sink>(writer: &mut Writer<S>, ending: Ending, client: Option<&Receiver<ClientEvent>>) {
     writer.bound_by(None);
     let code = ending.code;
     let closed = match &ending.last {
@@ -423,7 +449,7 @@ fn finish(writer: &mut Writer, ending: Ending, client: Option<&Receiver<ClientEv
             }
         }
     }
-    let _ = writer.stream.stream.shutdown(Shutdown::Both);
+    writer.stream.shut_down();
 }
 
 /// Makes the stdin pipe non-blocking with room for [`STDIN_BUFFER`] bytes (as far as the
@@ -437,8 +463,8 @@ fn prepare_stdin(pipe: &PipeWriter) -> std::io::Result<()> {
 }
 
 /// The reader thread: client frames become stdin; close and errors end it.
-fn read_client(
-    mut reader: WebSocket<Conn>,
+fn read_client<R: Read + Write>(
+    mut reader: WebSocket<R>,
     mut stdin: Option<PipeWriter>,
     events: &Sender<ClientEvent>,
 ) {
@@ -477,3 +503,6 @@ fn read_client(
     }
     let _ = events.send(ClientEvent::Gone);
 }
+
+#[cfg(test)]
+mod tests;

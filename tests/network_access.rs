@@ -1,7 +1,7 @@
 //! Runners with `networkAccess`, driven through the API of a real server inside a world of
 //! network namespaces (see `support/networld.rs`): what a runner can and cannot reach.
 
-#[path = "support/networld.rs"]
+#[path = "support/networld/mod.rs"]
 mod networld;
 mod support;
 

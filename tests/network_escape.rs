@@ -2,7 +2,7 @@
 //! through the API, nor a stand-in runner whose root has every capability over its own network
 //! namespace (wired to the host exactly like a runner, by the test).
 
-#[path = "support/networld.rs"]
+#[path = "support/networld/mod.rs"]
 mod networld;
 mod support;
 

@@ -1,7 +1,7 @@
 //! Exposed ports, other runners, inbound connections, the connection limit and runners without
 //! network access, through the API of a real server in a world of namespaces.
 
-#[path = "support/networld.rs"]
+#[path = "support/networld/mod.rs"]
 mod networld;
 mod support;
 

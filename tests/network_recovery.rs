@@ -1,7 +1,7 @@
 //! After a crash (SIGKILL) the next start leaves nothing of the dead runners' networking
 //! behind; a clean exit removes the table and puts forwarding back.
 
-#[path = "support/networld.rs"]
+#[path = "support/networld/mod.rs"]
 mod networld;
 mod support;
 

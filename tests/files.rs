@@ -5,10 +5,9 @@
 mod support;
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{SocketAddr, TcpStream},
     path::Path,
-    process::{Child, Command, Stdio},
     time::Duration,
 };
 
@@ -777,88 +776,39 @@ fn a_large_content_length_with_a_short_body_gets_413_while_others_are_served() {
     drop(stalled);
 }
 
-/// The real binary in a child process, for requests that might bring the process down.
-struct ChildServer {
-    child: Child,
-    addr: SocketAddr,
-    _state: tempfile::TempDir,
-}
-
-impl ChildServer {
-    fn start(args: &[&str]) -> ChildServer {
-        let state = tempfile::tempdir().expect("state");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_poseidon-lite"))
-            .args([
-                "--port",
-                "0",
-                "--websocket-port",
-                "0",
-                "--executor",
-                "process",
-            ])
-            .arg("--state-dir")
-            .arg(state.path())
-            .args(args)
-            .env("POSEIDON_LOGGER_LEVEL", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the binary");
-        let stderr = BufReader::new(child.stderr.take().expect("stderr"));
-        let mut lines = stderr.lines();
-        let marker = "HTTP API listening on http://";
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("the server logs its address")
-                .expect("log line");
-            if let Some(rest) = line.split(marker).nth(1) {
-                break rest.split('/').next().unwrap().parse().expect("address");
-            }
-        };
-        // Keep draining the log so the child never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        ChildServer {
-            child,
-            addr,
-            _state: state,
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().expect("wait").is_none()
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_huge_content_length_does_not_bring_the_server_down() {
-    let mut server = ChildServer::start(&["--max-body-bytes", "1024"]);
-    assert!(health_over_tcp(server.addr).starts_with("HTTP/1.1 204"));
+    // The real binary in a child process: the request might bring the process down.
+    let state = tempfile::tempdir().expect("state");
+    let mut server = support::process::Process::start_with(
+        state.path(),
+        &["--executor", "process", "--max-body-bytes", "1024"],
+    );
+    let addr: SocketAddr = server
+        .api
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .and_then(|addr| addr.parse().ok())
+        .expect("the server logs its address");
+    assert!(health_over_tcp(addr).starts_with("HTTP/1.1 204"));
     for length in ["1000000000000", "18446744073709551615"] {
         let request = format!(
             "PUT /api/v1/execution-environments/1 HTTP/1.1\r\nHost: x\r\n\
              Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n{{\"image\": \"x\""
         );
-        let (stream, head) = raw_head(server.addr, request.as_bytes());
+        let (stream, head) = raw_head(addr, request.as_bytes());
         assert!(head.starts_with("HTTP/1.1 413"), "{head}");
         drop(stream);
         for _ in 0..3 {
             assert!(
-                health_over_tcp(server.addr).starts_with("HTTP/1.1 204"),
+                health_over_tcp(addr).starts_with("HTTP/1.1 204"),
                 "the server stopped serving after Content-Length {length}"
             );
         }
         std::thread::sleep(Duration::from_millis(100));
         assert!(
-            server.running(),
+            server.child.try_wait().expect("wait").is_none(),
             "the server died after Content-Length {length}"
         );
     }

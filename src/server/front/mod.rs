@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
 
 use super::http::{
@@ -30,6 +30,10 @@ use super::http::{
     conn::{Conn, Slot},
     head::{self, Framing, Refusal},
 };
+
+mod handoff;
+
+pub use self::handoff::{Job, Returned, Settings, Waker};
 
 /// Bodies up to this size are read here, with the head, so that a client that sends its body
 /// slowly never holds a worker.
@@ -43,64 +47,6 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 const LINGER_BYTES: usize = 1 << 20;
 /// Bytes read at once.
 const CHUNK: usize = 16 << 10;
-
-/// A request ready for a worker.
-#[derive(Debug)]
-pub struct Job {
-    /// The request, its head consumed from the connection.
-    pub exchange: Exchange,
-}
-
-/// A connection a worker is done with.
-#[derive(Debug)]
-pub enum Returned {
-    /// Wait for its next request.
-    KeepAlive(Conn),
-    /// Close it (after discarding what the client still sends, for a moment).
-    Close(Conn),
-}
-
-/// Where the front sends requests and how long clients may take.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Requests of the API.
-    pub api: Sender<Job>,
-    /// Downloads, listings, large or chunked bodies.
-    pub bulk: Sender<Job>,
-    /// Time for a head (and small body) on the API listener, and for idling between requests.
-    pub http_timeout: Duration,
-    /// Time for a WebSocket handshake request.
-    pub websocket_timeout: Duration,
-    /// Most open connections (waiting here, being served, or idle between requests).
-    pub max_connections: usize,
-}
-
-/// Wakes the front: connections come back, or it should stop.
-#[derive(Debug, Clone)]
-pub struct Waker {
-    fd: Arc<OwnedFd>,
-    returned: Sender<Returned>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Waker {
-    /// Hands a connection back.
-    pub fn give_back(&self, returned: Returned) {
-        if self.returned.send(returned).is_ok() {
-            self.wake();
-        }
-    }
-
-    /// Makes the front stop.
-    pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.wake();
-    }
-
-    fn wake(&self) {
-        let _ = rustix::io::write(&*self.fd, &1u64.to_ne_bytes());
-    }
-}
 
 #[derive(Debug)]
 enum State {

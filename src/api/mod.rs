@@ -46,6 +46,8 @@ pub struct App {
     pub max_output_bytes: u64,
     /// What the server counts.
     pub metrics: Arc<Metrics>,
+    /// WebSocket sessions running (shutdown waits for their final messages).
+    pub sessions: std::sync::atomic::AtomicUsize,
 }
 
 impl App {

@@ -7,7 +7,7 @@
 use std::{
     io::{self, Read, Write},
     net::{Shutdown, TcpStream},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::Instant,
 };
 
@@ -95,11 +95,14 @@ pub fn handshake(app: &Arc<App>, exchange: Exchange) {
         discard_writes: true,
     };
     let websocket = WebSocket::from_partially_read(reader, leftover, Role::Server, Some(config));
-    let app = Arc::clone(app);
+    app.sessions.fetch_add(1, Ordering::SeqCst);
+    let session_app = Arc::clone(app);
     let spawned = crate::threads::run("ws", move || {
-        session::run(&app, websocket, writer, config, started)
+        session::run(&session_app, websocket, writer, config, started);
+        session_app.sessions.fetch_sub(1, Ordering::SeqCst);
     });
     if let Err(err) = spawned {
+        app.sessions.fetch_sub(1, Ordering::SeqCst);
         log::error!("cannot start a WebSocket session thread: {err}");
     }
 }

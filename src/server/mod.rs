@@ -38,6 +38,9 @@ use crate::{
 /// A public TLS listener and the loopback listener it relays to.
 type Relayed = (TcpListener, SocketAddr);
 
+/// How long shutdown waits for WebSocket sessions to send their final message.
+const SESSION_WAIT: Duration = Duration::from_secs(5);
+
 /// A bound but not yet running server.
 pub struct Server {
     front: Front,
@@ -174,6 +177,7 @@ impl Server {
             server: config.server.clone(),
             websocket_port: websocket_addr.port(),
             max_output_bytes: config.runner.max_output_bytes,
+            sessions: std::sync::atomic::AtomicUsize::new(0),
         });
         Ok(Server {
             front,
@@ -437,6 +441,12 @@ impl ServerHandle {
             let _ = TcpStream::connect(address);
         }
         self.app.manager.shutdown();
+        // Sessions send their final message (an error: the server is shutting down) and close
+        // while the manager destroys their runners; give them a moment to finish.
+        let deadline = Instant::now() + SESSION_WAIT;
+        while self.app.sessions.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }

@@ -77,8 +77,8 @@ fn after_a_crash_the_restarted_server_keeps_environments_and_claimed_runners() {
     let (status, _) = server.call("GET", &format!("/runners/{runner}/files"), json!(null));
     assert_eq!(status, 200, "both executors take claimed runners back");
     drop(server);
-    let group = std::path::Path::new("/sys/fs/cgroup/pids")
-        .join(support::process::own_sandbox_settings().0);
+    let group =
+        std::path::Path::new("/sys/fs/cgroup/pids").join(support::process::own_cgroup_name());
     assert!(!group.exists(), "{} is left behind", group.display());
 }
 
@@ -103,7 +103,7 @@ fn a_uid_base_that_maps_runners_onto_host_users_is_refused() {
                 "--uid-base",
                 base,
                 "--cgroup-name",
-                &support::process::own_sandbox_settings().0,
+                &support::process::own_cgroup_name(),
             ])
             .arg("--state-dir")
             .arg(state.path())

@@ -111,7 +111,7 @@ fn measure_throughput() {
 #[ignore = "measurement"]
 fn measure_prewarm_100() {
     for threads in [2, 4] {
-        let Some(test) = TestExecutor::with(|config| config.sandbox.uid_base = 1 << 26) else {
+        let Some(test) = TestExecutor::with(|config| config.runner.capacity = 100) else {
             return;
         };
         let started = Instant::now();

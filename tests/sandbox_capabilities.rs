@@ -12,7 +12,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use support::{TIMEOUT, Ws, process::own_sandbox_settings};
+use support::{TIMEOUT, Ws, process};
 
 /// The capabilities of the unit, as setpriv names them (`sys_admin`, …).
 fn unit_capabilities() -> Vec<String> {
@@ -83,7 +83,10 @@ fn the_units_capabilities_are_enough_for_a_sandbox_session() {
         .collect::<Vec<_>>()
         .join(",");
     let state = tempfile::tempdir().expect("state");
-    let (cgroup_name, uid_base) = own_sandbox_settings();
+    let (cgroup_name, uid_base) = (
+        process::own_cgroup_name(),
+        process::uid_base(state.path(), 8),
+    );
     let mut child = Command::new("setpriv")
         .args([
             "--bounding-set",

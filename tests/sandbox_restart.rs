@@ -9,7 +9,7 @@ use std::{path::Path, time::Instant};
 use serde_json::{Value, json};
 use support::{
     TIMEOUT, Ws,
-    process::{Process, own_sandbox_settings},
+    process::{Process, own_cgroup_name},
 };
 
 const SANDBOX: [&str; 2] = ["--executor", "sandbox"];
@@ -57,7 +57,7 @@ fn claimed_runner(server: &Process, timeout: u64) -> String {
 /// The runner's memory limit as its cgroup holds it.
 fn memory_limit(runner: &str) -> String {
     let group = Path::new("/sys/fs/cgroup/memory")
-        .join(own_sandbox_settings().0)
+        .join(own_cgroup_name())
         .join(runner);
     std::fs::read_to_string(group.join("memory.limit_in_bytes")).unwrap_or_default()
 }

@@ -5,6 +5,7 @@
 
 pub mod process;
 pub mod sandbox;
+pub mod slots;
 
 use std::{
     net::TcpStream,
@@ -63,6 +64,8 @@ pub struct TestServer {
     agent: ureq::Agent,
     pub token: Option<String>,
     cgroup_name: String,
+    /// The sandbox executor's uid blocks (released after the server's runners are gone).
+    _uids: Option<slots::UidBlocks>,
 }
 
 /// An HTTP answer.
@@ -128,11 +131,14 @@ impl TestServer {
         let n = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         config.sandbox.cgroup_name =
             format!("poseidon-lite-server-test-{}-{n}", std::process::id());
-        let slot = (std::process::id().wrapping_mul(7) + n) % 256;
-        config.sandbox.uid_base = (1 << 31) + slot * 64 * 65536;
         config.runner.capacity = 64;
         config.runner.prewarm_threads = 2;
         adjust(&mut config);
+        let uids = (config.runner.executor == ExecutorKind::Sandbox).then(|| {
+            let uids = slots::claim_for(config.runner.capacity);
+            config.sandbox.uid_base = uids.base();
+            uids
+        });
         let token = config.server.token.clone();
         let cgroup_name = config.sandbox.cgroup_name.clone();
         let handle = Server::bind(config)
@@ -152,6 +158,7 @@ impl TestServer {
             agent,
             token,
             cgroup_name,
+            _uids: uids,
         }
     }
 

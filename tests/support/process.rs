@@ -2,14 +2,15 @@
 //! signals, crashes and restarts. The process is killed when the value is dropped.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead, BufReader},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{Mutex, mpsc},
     time::{Duration, Instant},
 };
 
-use super::TIMEOUT;
+use super::{TIMEOUT, slots::UidBlocks};
 
 /// A server process and the addresses it logged.
 pub struct Process {
@@ -21,15 +22,30 @@ pub struct Process {
     cgroup_name: Option<String>,
 }
 
-/// A cgroup name and uid base of this test process's own, so that its servers never use (and
-/// leave groups under) the defaults an operator's server uses. A restarted server gets the
-/// same ones, as the operator's would. The bases lie in a region no other harness uses
-/// (`3 << 30` up): one block of 64 runners' ranges each, which a capacity of at most 24
-/// (2 × 24 + 16 ranges) stays within.
-pub fn own_sandbox_settings() -> (String, u32) {
-    let pid = std::process::id();
-    let base = (3u32 << 30) + (pid.wrapping_mul(7) % 256) * 64 * 65536;
-    (format!("poseidon-lite-binary-test-{pid}"), base)
+/// A cgroup name of this test process's own, so that its servers never use (and leave groups
+/// under) the default an operator's server uses. A restarted server gets the same one, as the
+/// operator's would.
+pub fn own_cgroup_name() -> String {
+    format!("poseidon-lite-binary-test-{}", std::process::id())
+}
+
+/// The uid base of servers on `state`: the same for every server on it (a restarted one takes
+/// back the runners of the last), from uid blocks of this process's own, enough for
+/// `capacity` runners and held until the process ends (a crashed server's runners outlive it).
+pub fn uid_base(state: &Path, capacity: usize) -> u32 {
+    static CLAIMED: Mutex<BTreeMap<PathBuf, (usize, UidBlocks)>> = Mutex::new(BTreeMap::new());
+    let mut claimed = CLAIMED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (claimed_for, uids) = claimed
+        .entry(state.to_owned())
+        .or_insert_with(|| (capacity, super::slots::claim_for(capacity)));
+    assert!(
+        capacity <= *claimed_for,
+        "uid ranges on {} were claimed for {claimed_for} runners, not {capacity}",
+        state.display()
+    );
+    uids.base()
 }
 
 impl Process {
@@ -63,6 +79,11 @@ impl Process {
     /// Like [`Process::spawn`] with another server binary (an upgrade, say).
     pub fn spawn_binary(binary: &Path, state: &Path, args: &[&str]) -> Process {
         let executor = ["--executor", super::executor_name()];
+        let capacity = args
+            .iter()
+            .position(|arg| *arg == "--capacity")
+            .and_then(|at| args.get(at + 1)?.parse().ok())
+            .unwrap_or(16);
         let mut child = Command::new(binary)
             .args([
                 "--port",
@@ -80,8 +101,8 @@ impl Process {
             .arg(format!("{}=host", super::TEST_IMAGE))
             .arg("--state-dir")
             .arg(state)
-            .args(["--cgroup-name", &own_sandbox_settings().0])
-            .args(["--uid-base", &own_sandbox_settings().1.to_string()])
+            .args(["--cgroup-name", &own_cgroup_name()])
+            .args(["--uid-base", &uid_base(state, capacity).to_string()])
             .args(match args.contains(&"--capacity") {
                 true => &[][..],
                 false => &["--capacity", "16"][..],
@@ -102,7 +123,7 @@ impl Process {
             child,
             api: String::new(),
             lines: std::sync::Mutex::new(lines),
-            cgroup_name: Some(own_sandbox_settings().0),
+            cgroup_name: Some(own_cgroup_name()),
         }
     }
 

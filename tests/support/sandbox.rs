@@ -37,6 +37,8 @@ pub struct TestExecutor {
     pub config: Config,
     /// Its state directory.
     pub state: PathBuf,
+    /// The uid blocks its runners' ranges lie in.
+    uids: super::slots::UidBlocks,
 }
 
 impl TestExecutor {
@@ -57,17 +59,20 @@ impl TestExecutor {
         let mut config = Config::ephemeral(&state);
         config.sandbox.agent = Some(PathBuf::from(env!("CARGO_BIN_EXE_poseidon-lite")));
         config.sandbox.cgroup_name = name;
-        // Each executor its own uid ranges (64 runners' worth), so parallel tests (nextest runs
-        // each in a process of its own) do not share ids.
-        let slot = (std::process::id().wrapping_mul(7) + n) % 256;
-        config.sandbox.uid_base = (1 << 24) + slot * 64 * 65536;
         config.sandbox.pids_limit = 128;
+        // As many runners as one uid block holds ranges for (the executor uses 2 × 24 + 16).
+        config.runner.capacity = 24;
         modify(&mut config);
+        // Uid ranges of its own, so parallel tests (nextest runs each in a process of its
+        // own) neither share ids nor see each other's processes.
+        let uids = super::slots::claim_for(config.runner.capacity);
+        config.sandbox.uid_base = uids.base();
         let executor = SandboxExecutor::new(&config).expect("sandbox executor");
         Some(TestExecutor {
             executor,
             config,
             state,
+            uids,
         })
     }
 
@@ -108,29 +113,10 @@ impl TestExecutor {
         pids
     }
 
-    /// Host pids of every process whose real or effective uid lies in the executor's ranges.
+    /// Host pids of every process whose real, effective, saved or file-system uid lies in the
+    /// executor's ranges.
     pub fn processes_in_uid_ranges(&self) -> Vec<u32> {
-        let base = u64::from(self.config.sandbox.uid_base);
-        let range = base..base + 64 * 65536;
-        let mut pids = Vec::new();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
-            let uids = status
-                .lines()
-                .find_map(|line| line.strip_prefix("Uid:"))
-                .unwrap_or("");
-            if uids
-                .split_whitespace()
-                .filter_map(|u| u.parse::<u64>().ok())
-                .any(|u| range.contains(&u))
-            {
-                pids.push(pid);
-            }
-        }
-        pids
+        self.uids.pids()
     }
 
     /// The executor's cgroup directories (one per hierarchy).

@@ -92,6 +92,13 @@ impl Slots {
 }
 
 impl SandboxExecutor {
+    /// How many uid ranges of 65536 ids, counted from `uid_base`, a server of `capacity`
+    /// runners may use: twice the capacity (runners being destroyed still hold theirs while
+    /// replacements start) and some for the self-test.
+    pub fn uid_ranges(capacity: usize) -> u32 {
+        u32::try_from(capacity.saturating_mul(2).saturating_add(16)).unwrap_or(u32::MAX)
+    }
+
     /// Checks that this host can run sandboxes and prepares the executor's cgroups and state
     /// directory. The error names what is missing.
     pub fn new(config: &Config) -> Result<SandboxExecutor> {
@@ -214,12 +221,10 @@ fn total_pids_limit(sandbox: &SandboxConfig) -> u64 {
         .map_or(16_384, |max| (max / 2).max(1))
 }
 
-/// Uid ranges to reserve: twice the capacity (runners being destroyed still hold theirs while
-/// replacements start) and some for the self-test, within the 32-bit uid space (the last uid
-/// is invalid).
+/// Uid ranges to reserve: those [`SandboxExecutor::uid_ranges`] wants, within the 32-bit uid
+/// space (the last uid is invalid).
 fn slot_count(base: u32, capacity: usize) -> u32 {
-    let wanted = u32::try_from(capacity.saturating_mul(2).saturating_add(16)).unwrap_or(u32::MAX);
-    ((u32::MAX - base) / IDS_PER_RUNNER).min(wanted)
+    ((u32::MAX - base) / IDS_PER_RUNNER).min(SandboxExecutor::uid_ranges(capacity))
 }
 
 /// Refuses a uid base that maps runner ids onto host ids: below [`LOWEST_UID_BASE`], or

@@ -16,6 +16,9 @@ use super::{UPLINK_V4, World};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Runners a test server holds at most (unless a test sets `POSEIDON_RUNNER_CAPACITY`).
+const CAPACITY: usize = 64;
+
 /// The server binary, running in the host namespace; killed and its cgroups removed on drop.
 #[derive(Debug)]
 pub struct Server {
@@ -26,6 +29,8 @@ pub struct Server {
     cgroup: String,
     /// `http://127.0.0.1:7200`, valid inside the host namespace.
     pub base: String,
+    /// The server's uid blocks (released after its runners are gone).
+    _uids: crate::support::slots::UidBlocks,
 }
 
 impl Server {
@@ -34,17 +39,23 @@ impl Server {
     pub fn start(world: &World, state: PathBuf, extra: &[(&str, &str)]) -> Server {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let cgroup = format!("{}-{n}", world.name);
-        let slot = (std::process::id().wrapping_mul(7) + n) % 256;
-        // A region of its own: the sandbox tests take 64-runner blocks from 2^24, the server
-        // tests from 2^31 (each up to 2^30 further); parallel tests never share ids, nor see
+        // Uid ranges no other test process holds: parallel tests never share ids, nor look at
         // each other's processes.
-        let uid_base = ((3u32 << 30) + (slot % 128) * 64 * 65536).to_string();
+        let capacity = extra
+            .iter()
+            .find(|(name, _)| *name == "POSEIDON_RUNNER_CAPACITY")
+            .map_or(Ok(CAPACITY), |(_, value)| value.parse())
+            .expect("a capacity");
+        let uids = crate::support::slots::claim_for(capacity);
+        let uid_base = uids.base().to_string();
+        let capacity = CAPACITY.to_string();
         let mut vars: Vec<(String, String)> = [
             ("POSEIDON_SERVER_PORT", "7200"),
             ("POSEIDON_SERVER_WEBSOCKET_PORT", "7201"),
             ("POSEIDON_RUNNER_EXECUTOR", "sandbox"),
             ("POSEIDON_SANDBOX_CGROUP_NAME", cgroup.as_str()),
             ("POSEIDON_SANDBOX_UID_BASE", uid_base.as_str()),
+            ("POSEIDON_RUNNER_CAPACITY", capacity.as_str()),
             ("POSEIDON_SANDBOX_PIDS_LIMIT", "256"),
             (
                 "POSEIDON_NETWORK_ALLOWED_RANGES",
@@ -86,6 +97,7 @@ impl Server {
             state,
             cgroup,
             base: "http://127.0.0.1:7200".to_owned(),
+            _uids: uids,
         };
         server.wait_for("HTTP API listening on ");
         server

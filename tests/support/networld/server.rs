@@ -142,8 +142,9 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
-        // Runners end with their server; their groups and the server's go (retried while the
-        // last processes exit).
+        // Claimed runners outlive their server (for the next one to take back); nothing will
+        // take these back, so what is left in the groups is killed, and the groups go
+        // (retried while the last processes exit).
         for _ in 0..50 {
             let mut left = false;
             for controller in std::fs::read_dir("/sys/fs/cgroup")
@@ -154,6 +155,14 @@ impl Drop for Server {
                 let group = controller.path().join(&self.cgroup);
                 for runner in std::fs::read_dir(&group).into_iter().flatten().flatten() {
                     if runner.path().is_dir() {
+                        let procs = runner.path().join("cgroup.procs");
+                        let procs = std::fs::read_to_string(procs).unwrap_or_default();
+                        for pid in procs.lines().filter_map(|pid| pid.trim().parse().ok()) {
+                            if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+                                let signal = rustix::process::Signal::KILL;
+                                let _ = rustix::process::kill_process(pid, signal);
+                            }
+                        }
                         let _ = std::fs::remove_dir(runner.path());
                     }
                 }

@@ -180,10 +180,11 @@ fn a_damaged_environment_file_stops_the_start_and_deletes_nothing() {
             .0,
         404
     );
-    server.crash();
     if !records_runners() {
+        // Dropped, not crashed: what the test started goes with it.
         return;
     }
+    server.crash();
     assert!(workspace(state.path(), &runner).join("work.py").exists());
 
     // Repaired and put back, the environment and its runner are as they were.

@@ -1,4 +1,4 @@
-//! The sandbox executor: start-up checks, image resolution, uid range slots, runner creation
+//! The sandbox executor: start-up checks, image resolution, the uid range check, runner creation
 //! and the removal of what an earlier (crashed) server left behind.
 
 use std::{
@@ -9,7 +9,12 @@ use std::{
     time::Duration,
 };
 
-use super::{cgroup::Cgroups, image, operation, runner::SandboxRunner};
+use super::{
+    cgroup::Cgroups,
+    image, operation,
+    runner::SandboxRunner,
+    shared::{IDS_PER_RUNNER, Shared, Slots},
+};
 use crate::{
     config::{Config, SandboxConfig},
     error::{Error, Result},
@@ -21,8 +26,6 @@ use crate::{
 
 /// How long the start-up self-test may take to run `true`.
 const SELF_TEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// Host ids per runner: inside ids 0..65535.
-pub(super) const IDS_PER_RUNNER: u32 = 65536;
 
 /// The lowest allowed `uid_base`: ids below are the host's own (system and login users).
 const LOWEST_UID_BASE: u32 = 65536;
@@ -34,61 +37,6 @@ const HOST_ID_FILES: [&str; 4] = ["/etc/passwd", "/etc/group", "/etc/subuid", "/
 #[derive(Debug, Clone)]
 pub struct SandboxExecutor {
     shared: Arc<Shared>,
-}
-
-/// What the executor and its runners share.
-#[derive(Debug)]
-pub(super) struct Shared {
-    pub config: SandboxConfig,
-    pub agent: PathBuf,
-    /// `<state dir>/sandbox`: one (empty) directory per runner.
-    pub dir: PathBuf,
-    pub cgroups: Cgroups,
-    /// Registry images (`None` if the image store cannot be used; then only directory and
-    /// host images work).
-    pub images: Option<Arc<Images>>,
-    slots: Mutex<Slots>,
-    /// Network access and exposed ports.
-    pub network: Arc<Network>,
-}
-
-/// Free host uid ranges, numbered from `uid_base`. Only the first `count` are ever handed
-/// out: those are the ranges checked against the host's ids at start.
-#[derive(Debug)]
-struct Slots {
-    free: Vec<u32>,
-    next: u32,
-    count: u32,
-}
-
-impl Slots {
-    fn take(&mut self) -> Option<u32> {
-        if let Some(slot) = self.free.pop() {
-            return Some(slot);
-        }
-        (self.next < self.count).then(|| {
-            self.next += 1;
-            self.next - 1
-        })
-    }
-
-    /// Takes `slot` out of circulation. A slot beyond `count` (a runner of a server that was
-    /// configured with a larger capacity) is never handed out anyway.
-    fn reserve(&mut self, slot: u32) {
-        if slot < self.next {
-            self.free.retain(|free| *free != slot);
-            return;
-        }
-        let end = slot.min(self.count);
-        self.free.extend(self.next..end);
-        self.next = (slot + 1).min(self.count).max(self.next);
-    }
-
-    fn give(&mut self, slot: u32) {
-        if slot < self.count && slot < self.next && !self.free.contains(&slot) {
-            self.free.push(slot);
-        }
-    }
 }
 
 impl SandboxExecutor {
@@ -126,11 +74,7 @@ impl SandboxExecutor {
         if sandbox.cpu_hard_limit && !cgroups.has_cpu() {
             log::warn!("sandbox: no cpu controller, cpu limits are not enforced");
         }
-        let slots = Mutex::new(Slots {
-            free: Vec::new(),
-            next: 0,
-            count,
-        });
+        let slots = Mutex::new(Slots::new(count));
         let images = Images::open(&config.state.dir, &config.images.settings())
             .map_err(|err| Error::Internal(format!("image store: {err}")))?;
         let shared = Shared {
@@ -306,36 +250,6 @@ fn check_host() -> Result<(), String> {
     Ok(())
 }
 
-impl Shared {
-    /// Resolves image names with the configuration and the image store.
-    pub fn resolver(&self) -> image::Resolver<'_> {
-        image::Resolver {
-            aliases: &self.config.images,
-            images_dir: self.config.images_dir.as_deref(),
-            images: self.images.as_ref(),
-        }
-    }
-
-    /// Takes a free uid range.
-    pub fn take_slot(&self) -> Result<u32> {
-        self.slots
-            .lock()
-            .unwrap()
-            .take()
-            .ok_or_else(|| Error::Internal("sandbox: no free uid range".into()))
-    }
-
-    /// Marks a uid range as taken (by a runner an earlier server left running).
-    pub fn reserve_slot(&self, slot: u32) {
-        self.slots.lock().unwrap().reserve(slot);
-    }
-
-    /// Returns a uid range; only once nothing of its runner runs any more.
-    pub fn give_slot(&self, slot: u32) {
-        self.slots.lock().unwrap().give(slot);
-    }
-}
-
 impl Executor for SandboxExecutor {
     fn name(&self) -> &'static str {
         "sandbox"
@@ -417,24 +331,6 @@ impl Executor for SandboxExecutor {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reserved_slots_are_never_handed_out_and_none_beyond_the_count() {
-        let mut slots = Slots {
-            free: Vec::new(),
-            next: 0,
-            count: 4,
-        };
-        slots.reserve(2);
-        slots.reserve(9);
-        let mut taken: Vec<u32> = std::iter::from_fn(|| slots.take()).collect();
-        taken.sort_unstable();
-        assert_eq!(taken, vec![0, 1, 3]);
-        slots.give(9);
-        slots.give(2);
-        slots.give(2);
-        assert_eq!((slots.take(), slots.take()), (Some(2), None));
-    }
 
     #[test]
     fn uid_bases_overlapping_host_ids_are_refused() {

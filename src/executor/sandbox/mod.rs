@@ -17,6 +17,7 @@ mod protocol;
 mod reattach;
 mod runner;
 mod seccomp;
+mod shared;
 
 pub use executor::SandboxExecutor;
 pub use runner::SandboxRunner;

@@ -22,10 +22,10 @@ use super::{
     AGENT_ARG,
     agent::{EXECUTE, FILES},
     cgroup::{Group, GroupLimits},
-    executor::{IDS_PER_RUNNER, Shared},
     image, operation,
     protocol::{self, AgentReply, AgentRequest, Setup, SocketReader, SocketWriter},
     reattach::{self, RunnerFile},
+    shared::{IDS_PER_RUNNER, Shared},
 };
 use crate::{
     error::{Error, Result},

@@ -5,11 +5,7 @@
 
 mod support;
 
-use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-};
+use std::process::{Child, Command, Stdio};
 
 use serde_json::{Value, json};
 use support::{TIMEOUT, Ws, process};
@@ -120,14 +116,8 @@ fn the_units_capabilities_are_enough_for_a_sandbox_session() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("setpriv (util-linux) starts the server");
-    let stderr = child.stderr.take().expect("stderr");
+    let lines = process::stderr_lines(&mut child);
     let _server = Confined { child, cgroup_name };
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let mut log = Vec::new();
     let api = loop {
         let line = lines

@@ -5,7 +5,6 @@
 mod support;
 
 use std::{
-    io::{BufRead, BufReader},
     net::TcpListener,
     os::{linux::net::SocketAddrExt, unix::net::UnixDatagram},
     process::{Child, Command, Stdio},
@@ -39,13 +38,7 @@ impl Process {
             .stderr(Stdio::piped())
             .spawn()
             .expect("server starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let lines = support::process::stderr_lines(&mut child);
         Process {
             child,
             lines,

@@ -48,6 +48,19 @@ pub fn uid_base(state: &Path, capacity: usize) -> u32 {
     uids.base()
 }
 
+/// The lines `child` writes to its (piped) stderr, read on a thread of their own so that the
+/// child never blocks on a full pipe.
+pub fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    lines
+}
+
 impl Process {
     /// Starts the server on `state` and waits until it listens.
     pub fn start(state: &Path) -> Process {
@@ -112,13 +125,7 @@ impl Process {
             .stderr(Stdio::piped())
             .spawn()
             .expect("server starts");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let lines = stderr_lines(&mut child);
         Process {
             child,
             api: String::new(),

@@ -26,7 +26,44 @@ pub struct Process {
 /// under) the default an operator's server uses. A restarted server gets the same one, as the
 /// operator's would.
 pub fn own_cgroup_name() -> String {
-    format!("poseidon-lite-binary-test-{}", std::process::id())
+    let name = format!("poseidon-lite-binary-test-{}", std::process::id());
+    remove_at_exit(&name);
+    name
+}
+
+/// Removes the groups named `name`, and whatever runners are still in them, once this test
+/// process has ended, however it ended: a test whose last server crashed or exited leaves its
+/// runners for a next server that never comes. A child shell waits for the end of a pipe that
+/// only this process holds (the kernel closes it at exit), then kills what is left and
+/// removes the groups, retrying while the last processes exit.
+fn remove_at_exit(name: &str) {
+    static WATCHER: std::sync::OnceLock<Option<std::process::ChildStdin>> =
+        std::sync::OnceLock::new();
+    const SCRIPT: &str = r#"cat >/dev/null
+for attempt in $(seq 100); do
+  left=
+  for group in /sys/fs/cgroup/*/"$1"; do
+    [ -d "$group" ] || continue
+    for runner in "$group"/*/; do
+      [ -d "$runner" ] || continue
+      while read -r pid; do kill -9 "$pid" 2>/dev/null; done < "$runner/cgroup.procs"
+      rmdir "$runner" 2>/dev/null
+    done
+    rmdir "$group" 2>/dev/null || left=1
+  done
+  [ -z "$left" ] && exit 0
+  sleep 0.1
+done"#;
+    WATCHER.get_or_init(|| {
+        Command::new("sh")
+            .args(["-c", SCRIPT, "sh", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()
+            .and_then(|mut child| child.stdin.take())
+    });
 }
 
 /// The uid base of servers on `state`: the same for every server on it (a restarted one takes

@@ -8,22 +8,7 @@ use serde_json::json;
 use support::{Ws, process::Process};
 
 fn claim(server: &Process) -> String {
-    let (status, _) = server.call(
-        "PUT",
-        "/execution-environments/7",
-        support::environment_body(7, 1),
-    );
-    assert_eq!(status, 201);
-    let (status, body) = server.call(
-        "POST",
-        "/runners",
-        json!({"executionEnvironmentId": 7, "inactivityTimeout": 0}),
-    );
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str::<serde_json::Value>(&body).expect("json")["runnerId"]
-        .as_str()
-        .expect("id")
-        .to_owned()
+    server.claimed_runner(7, 0)
 }
 
 #[test]

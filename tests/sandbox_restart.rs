@@ -28,22 +28,7 @@ fn start(state: &Path) -> Process {
 
 /// A runner of environment 7 (pool of 1, 256 MB), claimed with `timeout`, holding a file.
 fn claimed_runner(server: &Process, timeout: u64) -> String {
-    let (status, _) = server.call(
-        "PUT",
-        "/execution-environments/7",
-        support::environment_body(7, 1),
-    );
-    assert_eq!(status, 201);
-    let (status, body) = server.call(
-        "POST",
-        "/runners",
-        json!({"executionEnvironmentId": 7, "inactivityTimeout": timeout}),
-    );
-    assert_eq!(status, 200, "{body}");
-    let runner = serde_json::from_str::<Value>(&body).expect("json")["runnerId"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let runner = server.claimed_runner(7, timeout);
     let content = support::base64(b"kept across restarts");
     let (status, body) = server.call(
         "PATCH",

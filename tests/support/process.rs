@@ -206,6 +206,26 @@ impl Process {
             .into()
     }
 
+    /// Creates environment `environment` (a pool of 1, as CodeOcean sends it) and claims a
+    /// runner of it with `inactivity_timeout`; the runner's id.
+    #[track_caller]
+    pub fn claimed_runner(&self, environment: u64, inactivity_timeout: u64) -> String {
+        let path = format!("/execution-environments/{environment}");
+        let (status, body) = self.call("PUT", &path, super::environment_body(environment, 1));
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = self.call(
+            "POST",
+            "/runners",
+            serde_json::json!({"executionEnvironmentId": environment,
+                               "inactivityTimeout": inactivity_timeout}),
+        );
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("json")["runnerId"]
+            .as_str()
+            .expect("id")
+            .to_owned()
+    }
+
     /// Sends a request; the status and the body as text.
     pub fn call(&self, method: &str, path: &str, body: serde_json::Value) -> (u16, String) {
         self.call_raw(method, path, body.to_string().into_bytes())
